@@ -1,0 +1,62 @@
+"""Counter deltas: summed per key over a batch, applied in sorted key order in its transaction.
+
+Counts move only by rows actually inserted or deleted (the plugins feed this from RETURNING),
+so replays and duplicates leave them unchanged and `count(*)` never runs per event.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Final
+
+from indexer.db import Connection
+
+POST_COUNTERS: Final = ("likeCount", "repostCount", "replyCount", "quoteCount")
+PROFILE_COUNTERS: Final = ("followersCount", "followsCount", "postsCount")
+
+
+def _upsert_sql(table: str, key: str, counters: tuple[str, ...]) -> str:
+    cols = ", ".join(f'"{c}"' for c in counters)
+    arrays = ", ".join(f"${i + 2}::bigint[]" for i in range(len(counters)))
+    sums = ", ".join(f'"{c}" = {table}."{c}" + excluded."{c}"' for c in counters)
+    return (
+        f"INSERT INTO {table} ({key}, {cols}) "
+        f"SELECT * FROM unnest($1::varchar[], {arrays}) ORDER BY 1 "
+        f"ON CONFLICT ({key}) DO UPDATE SET {sums}"
+    )
+
+
+_POST_SQL: Final = _upsert_sql("post_agg", "uri", POST_COUNTERS)
+_PROFILE_SQL: Final = _upsert_sql("profile_agg", "did", PROFILE_COUNTERS)
+
+
+class Deltas:
+    """Per-batch counter deltas for `post_agg` (by post uri) and `profile_agg` (by did)."""
+
+    __slots__ = ("_post", "_profile")
+
+    def __init__(self) -> None:
+        self._post: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        self._profile: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+
+    def post(self, uri: str, counter: str, by: int) -> None:
+        self._post[uri][POST_COUNTERS.index(counter)] += by
+
+    def profile(self, did: str, counter: str, by: int) -> None:
+        self._profile[did][PROFILE_COUNTERS.index(counter)] += by
+
+    def __bool__(self) -> bool:
+        return bool(self._post) or bool(self._profile)
+
+    async def apply(self, conn: Connection) -> None:
+        """Apply the non-zero deltas, keys sorted so concurrent batches lock rows in one order."""
+        await _apply(conn, _POST_SQL, self._post, len(POST_COUNTERS))
+        await _apply(conn, _PROFILE_SQL, self._profile, len(PROFILE_COUNTERS))
+
+
+async def _apply(conn: Connection, sql: str, deltas: dict[str, list[int]], width: int) -> None:
+    keys = sorted(k for k, v in deltas.items() if any(v))
+    if not keys:
+        return
+    columns = [[deltas[k][i] for k in keys] for i in range(width)]
+    await conn.execute(sql, keys, *columns)

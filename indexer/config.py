@@ -1,0 +1,118 @@
+"""Settings: one typed, frozen object built once from the environment and passed down."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from indexer import constants as c
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = c.DEFAULT_REDIS_URL
+    database_url: str = c.DEFAULT_DATABASE_URL
+    streams: tuple[str, ...] = c.DEFAULT_STREAMS
+    group: str = c.DEFAULT_GROUP
+    consumer: str = dataclasses.field(default_factory=socket.gethostname)
+    batch_size: int = c.DEFAULT_BATCH_SIZE
+    concurrency: int = c.DEFAULT_CONCURRENCY
+    db_pool_size: int = c.DEFAULT_DB_POOL_SIZE
+    metrics_port: int = c.DEFAULT_METRICS_PORT
+    high_water_mark: int = c.DEFAULT_HIGH_WATER_MARK
+    jetstream_urls: tuple[str, ...] = c.DEFAULT_JETSTREAM_URLS
+    relay_url: str = c.DEFAULT_RELAY_URL
+    plc_url: str = c.DEFAULT_PLC_URL
+    block_ms: int = c.DEFAULT_BLOCK_MS
+    acquire_timeout_s: float = c.DEFAULT_ACQUIRE_TIMEOUT_S
+    max_deliveries: int = c.DEFAULT_MAX_DELIVERIES
+    claim_idle_s: float = c.DEFAULT_CLAIM_IDLE_S
+    shutdown_grace_s: float = c.DEFAULT_SHUTDOWN_GRACE_S
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "concurrency", "db_pool_size", "max_deliveries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"METRICS_PORT must be 0..65535, got {self.metrics_port}")
+        if not self.streams:
+            raise ConfigError("INDEXER_STREAMS must name at least one stream")
+        if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"REDIS_URL must be redis://, rediss:// or unix://: {mask_url(self.redis_url)}"
+            )
+        if urlsplit(self.database_url).scheme not in ("postgresql", "postgres"):
+            raise ConfigError(f"DATABASE_URL must be postgresql://: {mask_url(self.database_url)}")
+
+    @property
+    def live_stream(self) -> str:
+        return self.streams[0]
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (flags override the environment)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# environment variable -> (field, parser)
+_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "REDIS_URL": ("redis_url", str),
+    "DATABASE_URL": ("database_url", str),
+    "INDEXER_STREAMS": ("streams", lambda v: _split(v)),
+    "INDEXER_GROUP": ("group", str),
+    "INDEXER_CONSUMER": ("consumer", str),
+    "INDEXER_BATCH_SIZE": ("batch_size", int),
+    "INDEXER_CONCURRENCY": ("concurrency", int),
+    "DB_POOL_SIZE": ("db_pool_size", int),
+    "METRICS_PORT": ("metrics_port", int),
+    "INGESTER_HIGH_WATER_MARK": ("high_water_mark", int),
+    "JETSTREAM_URL": ("jetstream_urls", lambda v: _split(v)),
+    "RELAY_URL": ("relay_url", str),
+    "PLC_URL": ("plc_url", str),
+    "INDEXER_BLOCK_MS": ("block_ms", int),
+    "DB_ACQUIRE_TIMEOUT_S": ("acquire_timeout_s", float),
+    "INDEXER_MAX_DELIVERIES": ("max_deliveries", int),
+    "INDEXER_CLAIM_IDLE_S": ("claim_idle_s", float),
+    "INDEXER_SHUTDOWN_GRACE_S": ("shutdown_grace_s", float),
+}
+
+ENVIRONMENT_VARIABLES = tuple(_ENV)
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Build the settings from an environment mapping; raise ConfigError naming a bad variable."""
+    values: dict[str, Any] = {}
+    for var, (field, parse) in _ENV.items():
+        raw = environ.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[field] = parse(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{var} has an invalid value: {mask_url(raw)!r}") from None
+    return Settings(**values)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***, safe for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -1,0 +1,100 @@
+"""The PostgreSQL pool: bounded, every acquire with a timeout, failures classified."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from indexer.config import Settings, mask_url
+
+log = logging.getLogger(__name__)
+
+Connection = Any  # asyncpg ships no type information
+
+# SQLSTATE classes that mean "this data is bad": retrying the same rows fails the same way.
+_DATA_CLASSES = ("22", "23")
+# Contention between concurrent batches: retrying the whole transaction is the cure.
+_RETRY_STATES = ("40001", "40P01", "55P03")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(state, str) and state[:2] in _DATA_CLASSES
+
+
+def is_contention(exc: BaseException) -> bool:
+    return getattr(exc, "sqlstate", None) in _RETRY_STATES
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """PostgreSQL is down, restarting or unreachable: wait and retry, never dead-letter."""
+    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        return state[:2] in ("08", "57", "53")
+    return False
+
+
+class Database:
+    """A pool whose acquisitions are bounded in number and time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pool: Any = None
+        self.waiting = 0
+        self.in_use = 0
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._settings.database_url,
+                min_size=1,
+                max_size=self._settings.db_pool_size,
+                command_timeout=300,
+                statement_cache_size=512,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            url = mask_url(self._settings.database_url)
+            raise ConnectionError(f"cannot connect to PostgreSQL at {url}: {exc}") from None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def size(self) -> int:
+        return self._settings.db_pool_size
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection; waits at most `acquire_timeout_s` for one."""
+        started = time.monotonic()
+        self.waiting += 1
+        try:
+            conn = await self._pool.acquire(timeout=self._settings.acquire_timeout_s)
+        finally:
+            self.waiting -= 1
+        self.last_acquire_s = time.monotonic() - started
+        self.in_use += 1
+        try:
+            yield conn
+        finally:
+            self.in_use -= 1
+            await self._pool.release(conn)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        async with self.connection() as conn, conn.transaction():
+            yield conn
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        async with self.connection() as conn:
+            return await conn.fetchval(sql, *args)

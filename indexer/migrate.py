@@ -1,0 +1,90 @@
+"""`indexer migrate`: numbered SQL files, each in one transaction, recorded in a version table."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import asyncpg
+
+from indexer.config import mask_url
+
+log = logging.getLogger(__name__)
+
+VERSION_TABLE = "indexer_schema_version"
+_LOCK_ID = 0x1DE8_0001  # pg_advisory_lock key: one migrator at a time
+_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def sql_dir() -> Path:
+    """`sql/` beside the package in a checkout, else the copy installed as `indexer.sql`."""
+    checkout = Path(__file__).resolve().parent.parent / "sql"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("indexer.sql")))
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    found = []
+    for path in sorted((directory or sql_dir()).glob("*.sql")):
+        match = _NAME.match(path.name)
+        if match is None:
+            raise ValueError(f"migration file name must look like 001_name.sql: {path.name}")
+        found.append(Migration(int(match.group(1)), path.name, path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"two migrations share a number: {versions}")
+    return found
+
+
+async def applied_versions(conn: asyncpg.Connection) -> set[int]:
+    exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", VERSION_TABLE)
+    if not exists:
+        return set()
+    rows = await conn.fetch(f"SELECT version FROM {VERSION_TABLE}")
+    return {r["version"] for r in rows}
+
+
+async def pending(conn: asyncpg.Connection) -> list[Migration]:
+    """Migrations not yet applied to this database (empty means the schema is current)."""
+    done = await applied_versions(conn)
+    return [m for m in load_migrations() if m.version not in done]
+
+
+async def migrate(database_url: str) -> list[str]:
+    """Apply every pending migration; return the names applied (empty when up to date)."""
+    try:
+        conn = await asyncpg.connect(database_url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ConnectionError(f"cannot connect to {mask_url(database_url)}: {exc}") from None
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} ("
+            "version integer PRIMARY KEY, name text NOT NULL, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        applied = []
+        for migration in await pending(conn):
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    f"INSERT INTO {VERSION_TABLE} (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            log.info("applied migration %s", migration.name)
+            applied.append(migration.name)
+        return applied
+    finally:
+        await conn.close()

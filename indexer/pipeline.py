@@ -1,0 +1,215 @@
+"""A batch of stream entries -> decoded ops -> one transaction of bulk writes.
+
+decode (no database) -> collapse per record by rev -> rev guard -> record table -> plugins
+(deletes, then updates, then inserts) -> counter deltas. One transaction per batch; a batch
+that fails on data is split until the bad entries stand alone and go to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from indexer.aggregates import Deltas
+from indexer.constants import MAX_RECORD_JSON_BYTES
+from indexer.db import Database, is_data_error
+from indexer.events import Create, Delete, Envelope, Update, envelope_decoder
+from indexer.guard import Change, apply_guard
+from indexer.normalize import clean_json_text, normalize_datetime, repair_json
+from indexer.plugin import Op, Plugin
+from indexer.records import ensure_actors, write_records
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One stream entry as read: where it came from and its raw `event` field."""
+
+    stream: str
+    id: str
+    raw: bytes | None
+
+
+@dataclass(slots=True)
+class Item:
+    """A decoded record operation waiting for the rev guard."""
+
+    entry: Entry
+    op: Op
+    operation: str
+    time: str
+
+    @property
+    def delete(self) -> bool:
+        return self.operation == "delete"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of a batch: entries to ACK, entries to dead-letter, counts for metrics."""
+
+    done: list[Entry] = field(default_factory=list)
+    dead: list[tuple[Entry, str]] = field(default_factory=list)
+    counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    newest_time: str = ""
+
+    def merge(self, other: Outcome) -> None:
+        self.done += other.done
+        self.dead += other.dead
+        self.counts.update(other.counts)
+        self.newest_time = max(self.newest_time, other.newest_time)
+
+
+class Rejected(ValueError):
+    """This entry cannot be indexed; the message is the reason given in the dead-letter stream."""
+
+
+def _now() -> str:
+    return normalize_datetime(datetime.now(UTC).isoformat())
+
+
+class Pipeline:
+    """Turns batches of entries into committed rows and counters."""
+
+    def __init__(self, db: Database, plugins: dict[str, Plugin]) -> None:
+        self._db = db
+        self._plugins = plugins
+
+    async def process(self, entries: list[Entry]) -> Outcome:
+        """Decode and write one batch; database outages propagate (nothing is dead-lettered)."""
+        outcome = Outcome()
+        items: list[Item] = []
+        for entry in entries:
+            try:
+                item = self._decode(entry)
+            except Rejected as exc:
+                outcome.dead.append((entry, str(exc)))
+                outcome.counts[("unknown", "unknown", "dead_letter")] += 1
+                continue
+            if isinstance(item, Item):
+                items.append(item)
+            else:
+                outcome.done.append(entry)
+                outcome.counts[item] += 1
+        outcome.merge(await self._write_isolating(items))
+        return outcome
+
+    def _decode(self, entry: Entry) -> Item | tuple[str, str, str]:
+        """An Item to write, or the (collection, operation, outcome) key of an entry skipped."""
+        env = _decode_envelope(entry.raw)
+        if not isinstance(env, (Create, Update, Delete)):
+            return ("-", env.__class__.__name__.lower(), "skipped")
+        operation = env.__class__.__name__.lower()
+        plugin = self._plugins.get(env.collection)
+        if plugin is None or not plugin.accepts(env.rkey):
+            return (env.collection if plugin else "other", operation, "skipped")
+        _check_keys(env)
+        uri = f"at://{env.did}/{env.collection}/{env.rkey}"
+        indexed_at = normalize_datetime(env.time) if env.time else _now()
+        op = Op(uri, env.did, env.collection, env.rkey, env.rev, "", None, "", indexed_at)
+        if not isinstance(env, Delete):
+            raw = bytes(env.record)
+            if len(raw) > MAX_RECORD_JSON_BYTES:
+                raise Rejected(f"record of {len(raw)} bytes exceeds {MAX_RECORD_JSON_BYTES}")
+            try:
+                op.record = plugin.decode(raw)
+            except ValueError as exc:
+                raise Rejected(f"invalid {env.collection} record: {exc}") from None
+            op.cid, op.json = env.cid, clean_json_text(raw)
+        return Item(entry, op, operation, indexed_at)
+
+    async def _write_isolating(self, items: list[Item]) -> Outcome:
+        """Write items in one transaction; on a data error split them to isolate the bad ones."""
+        if not items:
+            return Outcome()
+        try:
+            return await self._write(items)
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            if len(items) == 1:
+                log.warning("dead-lettering %s: %s", items[0].op.uri, exc)
+                outcome = Outcome(dead=[(items[0].entry, f"database rejected: {exc}")])
+                outcome.counts[(items[0].op.collection, items[0].operation, "dead_letter")] += 1
+                return outcome
+            half = len(items) // 2
+            first = await self._write_isolating(items[:half])
+            first.merge(await self._write_isolating(items[half:]))
+            return first
+
+    async def _write(self, items: list[Item]) -> Outcome:
+        winners = _collapse(items)
+        deltas = Deltas()
+        async with self._db.transaction() as conn:
+            changes = await apply_guard(conn, winners)
+            await write_records(conn, changes)
+            await ensure_actors(conn, {i.op.did: i.op.indexed_at for i in winners})
+            for collection in sorted({c.op.collection for c in changes}):
+                plugin = self._plugins[collection]
+                mine = [c for c in changes if c.op.collection == collection]
+                await _apply_plugin(conn, plugin, mine, deltas)
+            await deltas.apply(conn)
+        return _outcome(items, {id(c.op) for c in changes})
+
+
+async def _apply_plugin(
+    conn: object, plugin: Plugin, changes: list[Change], deltas: Deltas
+) -> None:
+    deletes = [c.op for c in changes if c.kind == "delete"]
+    updates = [c.op for c in changes if c.kind == "update"]
+    inserts = [c.op for c in changes if c.kind == "insert"]
+    if deletes:
+        await plugin.delete(conn, deletes, deltas)
+    if updates:
+        await plugin.update(conn, updates, deltas)
+    if inserts:
+        await plugin.insert(conn, inserts, deltas)
+
+
+def _decode_envelope(raw: bytes | None) -> Envelope:
+    if raw is None:
+        raise Rejected("entry has no `event` field")
+    try:
+        return envelope_decoder.decode(raw)
+    except ValueError as exc:
+        repaired = repair_json(raw)
+        if repaired is None:
+            raise Rejected(f"undecodable event: {exc}") from None
+        try:
+            return envelope_decoder.decode(repaired)
+        except ValueError as again:
+            raise Rejected(f"invalid event: {again}") from None
+
+
+def _check_keys(env: Create | Update | Delete) -> None:
+    if not env.did.startswith("did:") or len(env.did) > 2048:
+        raise Rejected(f"invalid did {env.did[:80]!r}")
+    if not env.rkey or "/" in env.rkey or len(env.rkey) > 512:
+        raise Rejected(f"invalid rkey {env.rkey[:80]!r}")
+    if not env.rev or len(env.rev) > 64:
+        raise Rejected(f"invalid rev {env.rev[:80]!r}")
+    if "\x00" in env.did + env.rkey + env.rev + env.collection:
+        raise Rejected("NUL in a record key")
+
+
+def _collapse(items: list[Item]) -> list[Item]:
+    """The op with the highest rev per record: earlier ops in the batch are already superseded."""
+    best: dict[str, Item] = {}
+    for item in items:
+        seen = best.get(item.op.uri)
+        if seen is None or item.op.rev > seen.op.rev:
+            best[item.op.uri] = item
+    return sorted(best.values(), key=lambda i: i.op.uri)
+
+
+def _outcome(items: list[Item], applied: set[int]) -> Outcome:
+    """Every item is done: indexed where its op changed something, else unchanged."""
+    outcome = Outcome(done=[i.entry for i in items])
+    for item in items:
+        result = "indexed" if id(item.op) in applied else "unchanged"
+        outcome.counts[(item.op.collection, item.operation, result)] += 1
+        outcome.newest_time = max(outcome.newest_time, item.time)
+    return outcome

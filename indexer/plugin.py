@@ -1,0 +1,68 @@
+"""The contract between the batch pipeline and the per-collection plugins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from indexer.aggregates import Deltas
+from indexer.db import Connection
+
+
+@dataclass(slots=True)
+class Op:
+    """One record operation that won the rev guard, with its decoded record (None for deletes)."""
+
+    uri: str
+    did: str
+    collection: str
+    rkey: str
+    rev: str
+    cid: str
+    record: Any
+    json: str
+    indexed_at: str
+
+
+class Plugin(Protocol):
+    """Knows one collection's rows: turns a list of ops into bulk statements and counter deltas.
+
+    The pipeline calls, in one transaction: `delete` for records that went away, `update` for
+    live records that changed, `insert` for records that became live. Each must only count rows
+    its statements actually inserted or deleted.
+    """
+
+    collection: str
+
+    def decode(self, raw: bytes) -> Any:
+        """The record body as this collection's Struct; raises msgspec errors on bad input."""
+        ...
+
+    def accepts(self, rkey: str) -> bool:
+        """Whether a record with this rkey belongs in the typed tables (profile: `self` only)."""
+        ...
+
+    async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None: ...
+
+    async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None: ...
+
+    async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None: ...
+
+
+def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows transposed to one list per column, for `unnest($1::t[], $2::t[], ...)`."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
+def unnest_insert(table: str, cols: tuple[str, ...], types: tuple[str, ...], tail: str) -> str:
+    """`INSERT INTO table (cols) SELECT * FROM unnest(...) ORDER BY 1 <tail>`, keys in one order."""
+    names = ", ".join(f'"{c}"' for c in cols)
+    arrays = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
+    return f'INSERT INTO "{table}" ({names}) SELECT * FROM unnest({arrays}) ORDER BY 1 {tail}'
+
+
+def sort_at(created_at: str, indexed_at: str) -> str:
+    """`least(createdAt, indexedAt)`, as the generated `sortAt` columns compute it."""
+    return min(created_at, indexed_at)

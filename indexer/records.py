@@ -1,0 +1,42 @@
+"""The generic `record` table (uri, cid, did, json, rev) and the `actor` row of every author."""
+
+from __future__ import annotations
+
+from indexer.db import Connection
+from indexer.guard import Change
+from indexer.plugin import columns
+
+_UPSERT = (
+    'INSERT INTO record (uri, cid, did, json, rev, "indexedAt") '
+    "SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::text[], "
+    "$5::varchar[], $6::varchar[]) ORDER BY 1 "
+    "ON CONFLICT (uri) DO UPDATE SET cid = excluded.cid, json = excluded.json, "
+    'rev = excluded.rev, "indexedAt" = excluded."indexedAt"'
+)
+_DELETE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
+_ACTORS = (
+    'INSERT INTO actor (did, "indexedAt") '
+    "SELECT * FROM unnest($1::varchar[], $2::varchar[]) ORDER BY 1 "
+    "ON CONFLICT (did) DO NOTHING"
+)
+
+
+async def write_records(conn: Connection, changes: list[Change]) -> None:
+    """Apply the changes to `record`."""
+    live = [c.op for c in changes if c.kind != "delete"]
+    gone = [c.op.uri for c in changes if c.kind == "delete"]
+    if gone:
+        await conn.execute(_DELETE, gone)
+    if live:
+        rows = [(op.uri, op.cid, op.did, op.json, op.rev, op.indexed_at) for op in live]
+        await conn.execute(_UPSERT, *columns(rows, 6))
+
+
+async def ensure_actors(conn: Connection, authors: dict[str, str]) -> None:
+    """An `actor` row (did, indexedAt) for every author seen, even before its handle is known.
+
+    Every DID of a batch gets one, whatever the rev guard decided, so the rows do not depend on
+    the order in which events arrive.
+    """
+    if authors:
+        await conn.execute(_ACTORS, *columns(sorted(authors.items()), 2))

@@ -1,0 +1,177 @@
+"""An indexer replica: read -> decode -> route -> write (one transaction) -> ack, in a loop.
+
+A fixed set of worker tasks bounds the batches in flight. Commit comes before ACK, and the ACK
+is shielded from cancellation. A stop request (a signal, or `stop()`) ends reading; batches in
+hand finish within the grace period, after which they are cancelled and stay pending for
+redelivery: nothing is ever ACKed without its commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from datetime import UTC, datetime
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from indexer.config import Settings
+from indexer.db import Database, is_contention, is_unavailable
+from indexer.metrics import Metrics
+from indexer.pipeline import Entry, Outcome, Pipeline
+from indexer.plugin import Plugin
+from indexer.stream import StreamConsumer, connect
+
+log = logging.getLogger(__name__)
+
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+_MAX_BACKOFF_S = 10.0
+
+
+class Replica:
+    """One consumer of the group; `run()` until stopped or, with `drain`, until nothing is left."""
+
+    def __init__(self, settings: Settings, plugins: dict[str, Plugin], metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._redis = connect(settings)
+        self._db = Database(settings)
+        self._consumer = StreamConsumer(settings, self._redis)
+        self._pipeline = Pipeline(self._db, plugins)
+        self._stopping = asyncio.Event()
+        self.indexed = 0
+
+    def stop(self) -> None:
+        """Stop reading; batches in hand finish (signal handlers call this, and only this)."""
+        self._stopping.set()
+
+    async def run(self, *, drain: bool = False) -> None:
+        await self._db.open()
+        self._metrics.pool_size.set(self._db.size)
+        try:
+            await self._consumer.ensure_groups()
+            await self._finish_own_pending()
+            workers = [
+                asyncio.create_task(self._work(drain), name=f"worker-{n}")
+                for n in range(self._settings.concurrency)
+            ]
+            await self._wait(workers)
+        finally:
+            await self._db.close()
+            await self._redis.aclose()
+
+    async def _wait(self, workers: list[asyncio.Task[None]]) -> None:
+        """Wait for the workers; after a stop request give them the grace period, then cancel."""
+        stop = asyncio.create_task(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait([stop, *workers], return_when=asyncio.FIRST_COMPLETED)
+            if stop in done:
+                _, late = await asyncio.wait(workers, timeout=self._settings.shutdown_grace_s)
+                for task in late:
+                    log.warning(
+                        "grace period over: cancelling %s; its batch stays pending", task.get_name()
+                    )
+                    task.cancel()
+            else:
+                self._stopping.set()
+            await asyncio.gather(*workers)
+        finally:
+            stop.cancel()
+
+    async def _finish_own_pending(self) -> None:
+        """Entries this consumer read before a restart but never ACKed are handled first."""
+        for stream in self._settings.streams:
+            after = "0"
+            while not self._stopping.is_set():
+                entries = await self._consumer.read_pending(
+                    stream, after, self._settings.batch_size
+                )
+                if not entries:
+                    break
+                after = entries[-1].id
+                await self._handle(entries)
+
+    async def _work(self, drain: bool) -> None:
+        while not self._stopping.is_set():
+            entries = await self._read()
+            if entries:
+                await self._handle(entries)
+            elif drain and await self._consumer.drained():
+                log.info("drained: the group has no lag and nothing pending")
+                self._stopping.set()
+
+    async def _read(self) -> list[Entry]:
+        try:
+            return await self._consumer.read_new(self._settings.batch_size, self._settings.block_ms)
+        except _REDIS_DOWN as exc:
+            log.warning("redis unavailable while reading (%s); retrying", exc)
+            await asyncio.sleep(1.0)
+            return []
+
+    async def _handle(self, entries: list[Entry]) -> None:
+        """Commit the batch, then ACK it; the pair is shielded so a stop cannot split them."""
+        started = time.monotonic()
+        outcome = await self._commit(entries)
+        await asyncio.shield(self._settle(outcome))
+        self._metrics.batch_duration.observe(time.monotonic() - started)
+        self._metrics.batch_size.observe(len(entries))
+        self._record(outcome)
+
+    async def _commit(self, entries: list[Entry]) -> Outcome:
+        """Process until committed: outages and contention are waited out, never dead-lettered."""
+        attempt = 0
+        while True:
+            try:
+                return await self._pipeline.process(entries)
+            except Exception as exc:
+                reason = _retry_reason(exc)
+                if reason is None:
+                    raise
+                attempt += 1
+                self._metrics.retries.labels(reason).inc()
+                delay = min(_MAX_BACKOFF_S, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                log.warning(
+                    "batch of %d not committed (%s: %s); retry %d in %.2fs",
+                    len(entries),
+                    reason,
+                    exc,
+                    attempt,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _settle(self, outcome: Outcome) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._consumer.settle(outcome.done, outcome.dead)
+                return
+            except _REDIS_DOWN as exc:
+                attempt += 1
+                log.warning("ACK failed (%s); retry %d", exc, attempt)
+                await asyncio.sleep(min(_MAX_BACKOFF_S, 0.1 * 2**attempt))
+
+    def _record(self, outcome: Outcome) -> None:
+        for (collection, operation, result), n in outcome.counts.items():
+            self._metrics.events.labels(collection, operation, result).inc(n)
+            if result == "indexed":
+                self.indexed += n
+        if outcome.dead:
+            log.warning(
+                "dead-lettered %d entries, first: %s", len(outcome.dead), outcome.dead[0][1]
+            )
+        if outcome.newest_time:
+            newest = datetime.fromisoformat(outcome.newest_time.replace("Z", "+00:00"))
+            self._metrics.event_lag.set(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
+        self._metrics.pool_in_use.set(self._db.in_use)
+        self._metrics.pool_waiting.set(self._db.waiting)
+
+
+def _retry_reason(exc: BaseException) -> str | None:
+    if is_contention(exc):
+        return "contention"
+    if is_unavailable(exc) or isinstance(exc, _REDIS_DOWN):
+        return "unavailable"
+    return None

@@ -1,0 +1,162 @@
+"""app.bsky.feed.post: `post`, `feed_item`, `quote`; postsCount, replyCount and quoteCount."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from indexer.aggregates import Deltas
+from indexer.constants import MAX_TEXT_CHARS
+from indexer.db import Connection
+from indexer.events import StrongRef
+from indexer.normalize import clean_text, normalize_datetime
+from indexer.plugin import Op, columns, sort_at, unnest_insert
+
+
+class ReplyRef(msgspec.Struct):
+    root: StrongRef
+    parent: StrongRef
+
+
+class PostRecord(msgspec.Struct):
+    text: str = ""
+    createdAt: Any = None
+    reply: ReplyRef | None = None
+    embed: dict[str, Any] | None = None
+    langs: list[str] | None = None
+    tags: list[str] | None = None
+
+
+_decoder = msgspec.json.Decoder(PostRecord)
+_json = msgspec.json.Encoder()
+_POST_COLS = (
+    "uri",
+    "cid",
+    "creator",
+    "text",
+    "replyRoot",
+    "replyRootCid",
+    "replyParent",
+    "replyParentCid",
+    "createdAt",
+    "indexedAt",
+    "langs",
+    "tags",
+)
+_INSERT_POST = unnest_insert(
+    "post",
+    _POST_COLS,
+    ("varchar",) * 10 + ("jsonb", "jsonb"),
+    "ON CONFLICT (uri) DO NOTHING RETURNING uri",
+)
+_INSERT_QUOTE = unnest_insert(
+    "quote",
+    ("uri", "cid", "subject", "subjectCid", "createdAt", "indexedAt"),
+    ("varchar",) * 6,
+    "ON CONFLICT (uri) DO NOTHING RETURNING subject",
+)
+_INSERT_FEED_ITEM = unnest_insert(
+    "feed_item",
+    ("uri", "cid", "type", "postUri", "originatorDid", "sortAt"),
+    ("varchar",) * 6,
+    "ON CONFLICT (uri) DO NOTHING",
+)
+_DELETE_POST = (
+    'DELETE FROM post WHERE uri = ANY($1::varchar[]) RETURNING uri, creator, "replyParent"'
+)
+_DELETE_QUOTE = "DELETE FROM quote WHERE uri = ANY($1::varchar[]) RETURNING subject"
+_DELETE_FEED_ITEM = "DELETE FROM feed_item WHERE uri = ANY($1::varchar[])"
+
+
+def quoted(embed: dict[str, Any] | None) -> StrongRef | None:
+    """The post a record or record-with-media embed quotes, if any."""
+    if not embed:
+        return None
+    kind, ref = embed.get("$type"), embed.get("record")
+    if kind == "app.bsky.embed.recordWithMedia" and isinstance(ref, dict):
+        ref = ref.get("record")
+    elif kind != "app.bsky.embed.record":
+        return None
+    if not isinstance(ref, dict):
+        return None
+    uri, cid = ref.get("uri"), ref.get("cid")
+    if not isinstance(uri, str) or "/app.bsky.feed.post/" not in uri:
+        return None
+    return StrongRef(clean_text(uri), clean_text(cid) if isinstance(cid, str) else "")
+
+
+def _strings(values: list[str] | None) -> str | None:
+    return None if values is None else _json.encode([clean_text(v) for v in values]).decode()
+
+
+def _row(op: Op) -> tuple[Any, ...]:
+    rec: PostRecord = op.record
+    root = rec.reply.root if rec.reply else None
+    parent = rec.reply.parent if rec.reply else None
+    return (
+        op.uri,
+        op.cid,
+        op.did,
+        clean_text(rec.text, MAX_TEXT_CHARS),
+        clean_text(root.uri) if root else None,
+        clean_text(root.cid) if root else None,
+        clean_text(parent.uri) if parent else None,
+        clean_text(parent.cid) if parent else None,
+        normalize_datetime(rec.createdAt),
+        op.indexed_at,
+        _strings(rec.langs),
+        _strings(rec.tags),
+    )
+
+
+class PostPlugin:
+    collection = "app.bsky.feed.post"
+
+    def decode(self, raw: bytes) -> PostRecord:
+        return _decoder.decode(raw)
+
+    def accepts(self, rkey: str) -> bool:
+        return True
+
+    async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+        by_uri = {op.uri: op for op in ops}
+        rows = {uri: _row(op) for uri, op in by_uri.items()}
+        inserted = await conn.fetch(_INSERT_POST, *columns(list(rows.values()), len(_POST_COLS)))
+        quotes, items = [], []
+        for rec in inserted:
+            row = rows[rec["uri"]]
+            uri, cid, creator, parent, created, indexed = (
+                row[0],
+                row[1],
+                row[2],
+                row[6],
+                row[8],
+                row[9],
+            )
+            deltas.profile(creator, "postsCount", 1)
+            if parent:
+                deltas.post(parent, "replyCount", 1)
+            items.append((uri, cid, "post", uri, creator, sort_at(created, indexed)))
+            subject = quoted(by_uri[uri].record.embed)
+            if subject is not None:
+                quotes.append((uri, cid, subject.uri, subject.cid, created, indexed))
+        if items:
+            await conn.execute(_INSERT_FEED_ITEM, *columns(items, 6))
+        if quotes:
+            for q in await conn.fetch(_INSERT_QUOTE, *columns(quotes, 6)):
+                deltas.post(q["subject"], "quoteCount", 1)
+
+    async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+        await self.delete(conn, ops, deltas)
+        await self.insert(conn, ops, deltas)
+
+    async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+        uris = [op.uri for op in ops]
+        for rec in await conn.fetch(_DELETE_POST, uris):
+            deltas.profile(rec["creator"], "postsCount", -1)
+            if rec["replyParent"]:
+                deltas.post(rec["replyParent"], "replyCount", -1)
+        for rec in await conn.fetch(_DELETE_QUOTE, uris):
+            deltas.post(rec["subject"], "quoteCount", -1)
+        await conn.execute(_DELETE_FEED_ITEM, uris)

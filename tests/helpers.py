@@ -1,0 +1,153 @@
+"""Builders for envelopes, and checks of the database state, shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from indexer.config import Settings
+from indexer.drift import drift, negative_counters
+from indexer.metrics import Metrics
+from indexer.replica import Replica
+from plugins import registry
+
+LIKE = "app.bsky.feed.like"
+POST = "app.bsky.feed.post"
+REPOST = "app.bsky.feed.repost"
+FOLLOW = "app.bsky.graph.follow"
+BLOCK = "app.bsky.graph.block"
+PROFILE = "app.bsky.actor.profile"
+T0 = "2024-11-19T07:06:40.000Z"
+
+
+def did(n: int) -> str:
+    return f"did:plc:user{n:04d}"
+
+
+def uri(author: int, collection: str, rkey: str) -> str:
+    return f"at://{did(author)}/{collection}/{rkey}"
+
+
+def rev(n: int) -> str:
+    """A TID-like revision that sorts with n (13 base32-sortable characters)."""
+    chars = "234567abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    for _ in range(13):
+        out = chars[n % 32] + out
+        n //= 32
+    return out
+
+
+def create(
+    author: int, collection: str, rkey: str, record: dict[str, Any], r: int, *, op: str = "create"
+) -> dict[str, Any]:
+    return {
+        "type": op,
+        "seq": r,
+        "time": T0,
+        "did": did(author),
+        "commit": "bafycommit",
+        "rev": rev(r),
+        "collection": collection,
+        "rkey": rkey,
+        "cid": f"bafy{rkey}{r}",
+        "record": record,
+    }
+
+
+def delete(author: int, collection: str, rkey: str, r: int) -> dict[str, Any]:
+    return {
+        "type": "delete",
+        "seq": r,
+        "time": T0,
+        "did": did(author),
+        "commit": "bafycommit",
+        "rev": rev(r),
+        "collection": collection,
+        "rkey": rkey,
+    }
+
+
+def like_record(subject: str, created: str = T0) -> dict[str, Any]:
+    return {"$type": LIKE, "subject": {"uri": subject, "cid": "bafysubject"}, "createdAt": created}
+
+
+def repost_record(subject: str) -> dict[str, Any]:
+    return {"$type": REPOST, "subject": {"uri": subject, "cid": "bafysubject"}, "createdAt": T0}
+
+
+def follow_record(subject: int) -> dict[str, Any]:
+    return {"$type": FOLLOW, "subject": did(subject), "createdAt": T0}
+
+
+def post_record(
+    text: str = "hello", *, reply_to: str | None = None, quote: str | None = None
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {"$type": POST, "text": text, "createdAt": T0, "langs": ["en"]}
+    if reply_to:
+        ref = {"uri": reply_to, "cid": "bafyparent"}
+        rec["reply"] = {"root": ref, "parent": ref}
+    if quote:
+        rec["embed"] = {"$type": "app.bsky.embed.record", "record": {"uri": quote, "cid": "bafyq"}}
+    return rec
+
+
+async def push(client: aioredis.Redis, stream: str, events: list[Any]) -> list[str]:
+    """XADD each event (a dict is JSON-encoded, bytes go as they are); returns the entry ids."""
+    async with client.pipeline(transaction=False) as pipe:
+        for event in events:
+            raw = event if isinstance(event, bytes) else msgspec.json.encode(event)
+            pipe.xadd(stream, {"event": raw})
+        ids = await pipe.execute()
+    return [i.decode() for i in ids]
+
+
+async def drain_replicas(settings: Settings, count: int) -> int:
+    """Run `count` replicas concurrently in this process until the group is drained."""
+    replicas = [
+        Replica(settings.replace(consumer=f"replica-{n}"), registry(), Metrics())
+        for n in range(count)
+    ]
+    await asyncio.wait_for(asyncio.gather(*(r.run(drain=True) for r in replicas)), 90)
+    return sum(r.indexed for r in replicas)
+
+
+_SNAPSHOT_TABLES = {
+    "record": "SELECT uri, cid, did, json, rev FROM record",
+    "post": 'SELECT uri, cid, creator, text, "replyParent", "createdAt", langs::text FROM post',
+    "like_pairs": 'SELECT subject, creator FROM "like"',
+    "like_uris": 'SELECT uri FROM "like" UNION ALL SELECT uri FROM duplicate_record '
+    "WHERE uri LIKE '%/app.bsky.feed.like/%'",
+    "repost_pairs": "SELECT subject, creator FROM repost",
+    "follow_pairs": 'SELECT creator, "subjectDid" FROM follow',
+    "block_pairs": 'SELECT creator, "subjectDid" FROM actor_block',
+    "profile": 'SELECT uri, cid, "displayName", description FROM profile',
+    "quote": "SELECT uri, subject FROM quote",
+    "feed_item": 'SELECT uri, type, "postUri", "originatorDid" FROM feed_item',
+    "post_agg": 'SELECT uri, "likeCount", "repostCount", "replyCount", "quoteCount" '
+    'FROM post_agg WHERE greatest("likeCount", "repostCount", "replyCount", '
+    '"quoteCount") > 0',
+    "profile_agg": 'SELECT did, "followersCount", "followsCount", "postsCount" FROM profile_agg '
+    'WHERE greatest("followersCount", "followsCount", "postsCount") > 0',
+    "actor": "SELECT did FROM actor",
+    "record_state": "SELECT uri, rev, live FROM record_state",
+}
+
+
+async def snapshot(conn: Any) -> dict[str, list[tuple[Any, ...]]]:
+    """The visible state, independent of which duplicate won and of delivery order."""
+    state = {}
+    for name, sql in _SNAPSHOT_TABLES.items():
+        rows = await conn.fetch(sql)
+        state[name] = sorted(tuple(r) for r in rows)
+    return state
+
+
+async def assert_no_drift(conn: Any) -> None:
+    """Every counter equals the count(*) of its rows, and none is negative."""
+    found = await drift(conn)
+    assert found == dict.fromkeys(found, 0), f"counter drift: {found}"
+    assert await negative_counters(conn) == 0
