@@ -151,3 +151,7 @@ def _fail(message: str, code: int) -> NoReturn:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

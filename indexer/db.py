@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 Connection = Any  # asyncpg ships no type information
 
-# SQLSTATE classes that mean "this data is bad": retrying the same rows fails the same way.
-_DATA_CLASSES = ("22", "23")
+# SQLSTATE classes that mean "this data is bad": retrying the same rows fails the same way
+# (22 data exception, 23 constraint violation, 54 limit exceeded, such as an index row too big).
+_DATA_CLASSES = ("22", "23", "54")
 # Contention between concurrent batches: retrying the whole transaction is the cure.
 _RETRY_STATES = ("40001", "40P01", "55P03")
 

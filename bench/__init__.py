@@ -1,0 +1,1 @@
+"""The throughput benchmark (`make bench`) and its workload generator."""
