@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
+from indexer.config import Settings
 from indexer.devservers import (
     MissingPrerequisite,
     PostgresServer,
@@ -14,6 +19,8 @@ from indexer.devservers import (
     throwaway_postgres,
     throwaway_redis,
 )
+from indexer.migrate import migrate
+from tests.helpers import drain_replicas
 
 
 @pytest.fixture(scope="session")
@@ -40,16 +47,6 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 # --- pipeline fixtures ---
-
-import itertools  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import AsyncIterator, Awaitable, Callable  # noqa: E402
-
-import asyncpg  # noqa: E402
-import redis.asyncio as aioredis  # noqa: E402
-
-from indexer.config import Settings  # noqa: E402
-from indexer.migrate import migrate  # noqa: E402
 
 TEMPLATE_DB = "indexer_template"
 _counter = itertools.count()
@@ -107,7 +104,6 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 def drain(settings: Settings) -> Callable[..., Awaitable[int]]:
     """Run replicas in-process until the group is drained; returns how many events they indexed."""
-    from tests.helpers import drain_replicas
 
     async def run(replicas: int = 1, **changes: object) -> int:
         return await drain_replicas(settings.replace(**changes), replicas)

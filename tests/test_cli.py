@@ -1,0 +1,129 @@
+"""The `indexer` command as users run it: real processes against the throwaway servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import zstandard
+
+from indexer.workload import write_jsonl
+from tests.helpers import assert_no_drift
+
+BAD_LINES = [b"{broken", b'{"kind":"commit","did":"did:plc:x"}', b'{"neither":1}']
+
+
+def _env(settings) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "INDEXER_STREAMS": ",".join(settings.streams),
+        "INDEXER_GROUP": settings.group,
+        "INDEXER_BATCH_SIZE": "200",
+        "METRICS_PORT": "0",
+        "INDEXER_BLOCK_MS": "100",
+    }
+
+
+def _indexer(*args: str) -> list[str]:
+    return [sys.executable, "-m", "indexer.cli", *args]
+
+
+def _sample(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "events.jsonl"
+    write_jsonl(path, n, seed=7)
+    with path.open("ab") as out:
+        for line in BAD_LINES:
+            out.write(line + b"\n")
+    return path
+
+
+async def test_ingest_file_plain_zst_and_stdin(settings, redis, tmp_path):
+    plain = _sample(tmp_path, 500)
+    packed = tmp_path / "events.jsonl.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    env = _env(settings)
+    for args, stdin in (([str(plain)], None), ([str(packed)], None), (["-"], plain.read_bytes())):
+        done = subprocess.run(
+            _indexer("ingest", "file", *args), env=env, input=stdin, capture_output=True,
+            timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert b"added 500 events" in done.stdout
+        assert b"3 bad line(s) skipped" in done.stdout
+        assert b"line 501 skipped" in done.stderr  # the line number of the first bad line
+    assert await redis.xlen(settings.live_stream) == 1500
+    missing = subprocess.run(
+        _indexer("ingest", "file", str(tmp_path / "nope.jsonl")), env=env, capture_output=True
+    )
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"error: no such file: {tmp_path / 'nope.jsonl'}".encode()
+
+
+async def test_two_replica_processes_drain_the_stream(settings, redis, db, tmp_path):
+    path = _sample(tmp_path, 3000)
+    env = _env(settings)
+    subprocess.run(_indexer("ingest", "file", str(path)), env=env, check=True, capture_output=True)
+    procs = [
+        subprocess.Popen(_indexer("run", "--drain", "--consumer", f"r{n}"), env=env,
+                         stderr=subprocess.PIPE)
+        for n in range(2)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    groups = await redis.xinfo_groups(settings.live_stream)
+    assert (groups[0]["pending"], groups[0]["lag"]) == (0, 0)
+    assert await db.fetchval("SELECT count(*) FROM record") > 2000
+    assert await db.fetchval('SELECT count(*) FROM "like"') > 1000
+    assert await db.fetchval("SELECT count(*) FROM post") > 200
+    await assert_no_drift(db)
+
+
+async def test_sigterm_finishes_the_batch_in_hand_and_exits_0(settings, redis, db, tmp_path):
+    path = _sample(tmp_path, 6000)
+    env = _env(settings) | {"INDEXER_BATCH_SIZE": "100"}
+    subprocess.run(_indexer("ingest", "file", str(path)), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(_indexer("run", "--consumer", "term"), env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while await db.fetchval("SELECT count(*) FROM record") < 500:
+        assert time.monotonic() < deadline and proc.poll() is None
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    pending = await redis.xpending(settings.live_stream, settings.group)
+    assert pending["pending"] == 0  # the batch in hand was committed and ACKed, none left over
+    groups = await redis.xinfo_groups(settings.live_stream)
+    assert groups[0]["lag"] > 0  # it stopped reading: the rest waits for the next replica
+    await assert_no_drift(db)
+
+
+def test_help_and_bad_configuration():
+    done = subprocess.run(_indexer("--help"), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    for command in ("migrate", "ingest", "run"):
+        assert command in done.stdout
+    bad = subprocess.run(
+        _indexer("run"), env={"PATH": "", "INDEXER_BATCH_SIZE": "lots"}, capture_output=True,
+        text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: INDEXER_BATCH_SIZE has an invalid value: 'lots'"
+
+
+def test_unreachable_redis_is_one_masked_line(settings):
+    env = _env(settings) | {"REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"}
+    done = subprocess.run(
+        _indexer("run", "--drain"), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith("error: redis at redis://:***@127.0.0.1:1/0")
+    assert "hunter2" not in done.stderr
+    assert "Traceback" not in done.stderr
