@@ -127,3 +127,15 @@ def test_unreachable_redis_is_one_masked_line(settings):
     assert done.stderr.splitlines()[-1].startswith("error: redis at redis://:***@127.0.0.1:1/0")
     assert "hunter2" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_demo_runs_end_to_end():
+    """`make demo`'s program: its own servers, two replicas, exact counters reported."""
+    done = subprocess.run(
+        [sys.executable, "-m", "indexer.demo", "--events", "800"], capture_output=True, text=True,
+        timeout=180, env=os.environ | {"COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lag: 0 entries not yet delivered, 0 pending, 0 dead-lettered" in done.stdout
+    assert "800 events in" in done.stdout
+    assert "counters: exact (drift 0)" in done.stdout
