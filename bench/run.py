@@ -640,7 +640,7 @@ PHASE_HEADER = (
     "COPY-eq events/s",
     "Indexer ÷ COPY",
     "Peak RSS MB",
-    "CPU s: indexer / PG / Redis",
+    "CPU s indexer/PG/Redis",
     "Dead-lettered",
     "Counters exact",
 )
@@ -841,6 +841,8 @@ async def _run(opts: Options, console: Console, work: Path) -> Report:
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log file: no wrapping of the wide table
     work = Path(tempfile.mkdtemp(prefix="firehose-bench-"))
     work.chmod(0o755)  # as root, the postgres user must reach the server directory inside
     try:

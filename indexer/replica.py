@@ -75,8 +75,10 @@ class Replica:
                     )
                     task.cancel()
             else:
-                self._stopping.set()
-            await asyncio.gather(*workers)
+                self._stopping.set()  # a worker ended (drained, or crashed): the others stop too
+            for result in await asyncio.gather(*workers, return_exceptions=True):
+                if isinstance(result, Exception):
+                    raise result  # a bug we must see; cancelled workers are not errors
         finally:
             stop.cancel()
 
@@ -95,20 +97,19 @@ class Replica:
 
     async def _work(self, drain: bool) -> None:
         while not self._stopping.is_set():
-            entries = await self._read()
+            try:
+                entries = await self._consumer.read_new(
+                    self._settings.batch_size, self._settings.block_ms
+                )
+                if not entries and drain and await self._consumer.drained():
+                    log.info("drained: the group has no lag and nothing pending")
+                    self._stopping.set()
+            except _REDIS_DOWN as exc:
+                log.warning("redis unavailable while reading (%s); retrying in 1s", exc)
+                await asyncio.sleep(1.0)
+                continue
             if entries:
                 await self._handle(entries)
-            elif drain and await self._consumer.drained():
-                log.info("drained: the group has no lag and nothing pending")
-                self._stopping.set()
-
-    async def _read(self) -> list[Entry]:
-        try:
-            return await self._consumer.read_new(self._settings.batch_size, self._settings.block_ms)
-        except _REDIS_DOWN as exc:
-            log.warning("redis unavailable while reading (%s); retrying", exc)
-            await asyncio.sleep(1.0)
-            return []
 
     async def _handle(self, entries: list[Entry]) -> None:
         """Commit the batch, then ACK it; the pair is shielded so a stop cannot split them."""
