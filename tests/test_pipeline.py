@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from tests.helpers import (
     FOLLOW,
     LIKE,
     POST,
+    PROFILE,
     REPOST,
     assert_no_drift,
     create,
     delete,
     did,
+    drain_replicas,
     follow_record,
     like_record,
     post_record,
     push,
     repost_record,
+    rev,
     snapshot,
     uri,
 )
@@ -100,8 +104,79 @@ async def test_shuffled_to_three_replicas_equals_in_order(settings, redis, db, d
         shuffled = events[:]
         random.Random(seed).shuffle(shuffled)
         await push(redis, other.live_stream, shuffled)
-        from tests.helpers import drain_replicas
-
         await drain_replicas(other.replace(batch_size=2), 3)
         assert await snapshot(db) == in_order, f"seed {seed}"
         await assert_no_drift(db)
+
+
+async def test_delete_before_create_leaves_nothing(settings, redis, db, drain):
+    p1 = uri(1, POST, "p1")
+    await push(redis, settings.live_stream, [delete(2, LIKE, "l1", 20)])
+    await drain()
+    await push(redis, settings.live_stream, [create(2, LIKE, "l1", like_record(p1), 10)])
+    await drain()
+    assert await db.fetchval('SELECT count(*) FROM "like"') == 0
+    assert await db.fetchval("SELECT count(*) FROM record") == 0
+    assert await db.fetchval('SELECT coalesce(sum("likeCount"), 0) FROM post_agg') == 0
+    state = await db.fetchrow("SELECT rev, live FROM record_state")
+    assert (state["rev"], state["live"]) == (rev(20), False)
+    # a newer create after the tombstone brings the record back
+    await push(redis, settings.live_stream, [create(2, LIKE, "l1", like_record(p1), 30)])
+    await drain()
+    assert await db.fetchval('SELECT "likeCount" FROM post_agg WHERE uri = $1', p1) == 1
+    await assert_no_drift(db)
+
+
+async def test_profile_updates_apply_by_rev(settings, redis, db, drain):
+    def profile(name: str, r: int, op: str = "update", rkey: str = "self"):
+        record = {"$type": PROFILE, "displayName": name, "description": f"about {name}"}
+        return create(1, PROFILE, rkey, record, r, op=op)
+
+    events = [profile("first", 10, "create"), profile("third", 12), profile("second", 11)]
+    await push(redis, settings.live_stream, [*events, profile("not self", 13, "create", "other")])
+    await drain()
+    rows = await db.fetch('SELECT uri, "displayName", description, cid FROM profile')
+    assert [(r["displayName"], r["description"]) for r in rows] == [("third", "about third")]
+    assert rows[0]["cid"] == f"bafyself{12}"
+    assert await db.fetchval("SELECT rev FROM record") == rev(12)
+    await push(redis, settings.live_stream, [delete(1, PROFILE, "self", 14)])
+    await drain()
+    assert await db.fetchval("SELECT count(*) FROM profile") == 0
+
+
+async def test_database_outage_is_waited_out_not_dead_lettered(
+    settings, redis, db, drain, postgres_server, migrated_template
+):
+    from indexer.events import normalize_line
+    from indexer.workload import generate
+
+    events = [normalize_line(e) for e in generate(3000, seed=11)]
+    await push(redis, settings.live_stream, events)
+    await db.close()
+    task = asyncio.create_task(drain(batch_size=50))
+    await asyncio.sleep(0.5)
+    postgres_server.kill()
+    await asyncio.sleep(1.5)
+    postgres_server.restart()
+    await asyncio.wait_for(task, 120)
+    assert await redis.xlen(f"{settings.live_stream}:dlq") == 0
+
+    # the same events on a database that never went down give the same state
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.database_url)
+    clean = settings.replace(streams=(settings.live_stream + "_clean",), group="clean")
+    name = "outage_reference"
+    postgres_server.create_database(name, template=migrated_template)
+    try:
+        await push(redis, clean.live_stream, events)
+        await drain_replicas(clean.replace(database_url=postgres_server.dsn(name)), 1)
+        ref = await asyncpg.connect(postgres_server.dsn(name))
+        try:
+            assert await snapshot(conn) == await snapshot(ref)
+        finally:
+            await ref.close()
+        await assert_no_drift(conn)
+    finally:
+        await conn.close()
+        postgres_server.drop_database(name)
