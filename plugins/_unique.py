@@ -6,8 +6,10 @@ counted) when the record it duplicates is deleted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from indexer.aggregates import Deltas
 from indexer.db import Connection
 from indexer.plugin import Op, columns, unnest_insert
 
@@ -44,21 +46,18 @@ class UniqueTable:
         cols: tuple[str, ...],
         types: tuple[str, ...],
         key: tuple[str, str],
-        returning: str,
+        returning: tuple[str, ...],
     ) -> None:
         self._width = len(cols)
         self._key_at = (cols.index(key[0]), cols.index(key[1]))
-        self._insert = unnest_insert(
-            table, cols, types, f'ON CONFLICT DO NOTHING RETURNING uri, "{returning}"'
-        )
+        back = ", ".join(f'"{c}"' for c in ("uri", *returning))
+        self._insert = unnest_insert(table, cols, types, f"ON CONFLICT DO NOTHING RETURNING {back}")
         self._find = (
             f'SELECT uri, "{key[0]}" AS a, "{key[1]}" AS b FROM "{table}" '
             f'WHERE ("{key[0]}", "{key[1]}") IN '
             "(SELECT * FROM unnest($1::varchar[], $2::varchar[]))"
         )
-        self._delete = (
-            f'DELETE FROM "{table}" WHERE uri = ANY($1::varchar[]) RETURNING uri, "{returning}"'
-        )
+        self._delete = f'DELETE FROM "{table}" WHERE uri = ANY($1::varchar[]) RETURNING {back}'
 
     async def insert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> list[Any]:
         """Insert rows (uri first, cid second, indexedAt last); return those actually inserted."""
@@ -94,7 +93,49 @@ class UniqueTable:
         return list(deleted), list(promoted)
 
 
-def promoted_ops(collection: str, decode: Any, rows: list[Any]) -> list[Op]:
+class UniquePlugin:
+    """A plugin over a UniqueTable: subclasses give the rows and what one row counts."""
+
+    collection: str
+    table: UniqueTable
+    decode: Callable[[bytes], Any]
+
+    def accepts(self, rkey: str) -> bool:
+        return True
+
+    def rows(self, ops: list[Op]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def count(self, row: Any, by: int, deltas: Deltas) -> None:
+        """Move the counters one row (from RETURNING) contributes to, by +1 or -1."""
+
+    async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+        await self.insert_rows(conn, ops, deltas)
+
+    async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+        await self.delete(conn, ops, deltas)
+        await self.insert(conn, ops, deltas)
+
+    async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+        await self.delete_rows(conn, ops, deltas)
+
+    async def insert_rows(self, conn: Connection, ops: list[Op], deltas: Deltas) -> list[Any]:
+        """Insert, count, and return the rows actually inserted (RETURNING)."""
+        inserted = await self.table.insert(conn, self.rows(ops))
+        for row in inserted:
+            self.count(row, 1, deltas)
+        return inserted
+
+    async def delete_rows(self, conn: Connection, ops: list[Op], deltas: Deltas) -> list[Any]:
+        """Delete, uncount, promote duplicates; return the rows actually deleted."""
+        deleted, promoted = await self.table.delete(conn, [op.uri for op in ops])
+        for row in deleted:
+            self.count(row, -1, deltas)
+        await self.insert(conn, promoted_ops(self.collection, self.decode, promoted), deltas)
+        return deleted
+
+
+def promoted_ops(collection: str, decode: Callable[[bytes], Any], rows: list[Any]) -> list[Op]:
     """Ops for duplicate records promoted after their original was deleted."""
     return [
         Op(

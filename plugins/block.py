@@ -6,55 +6,18 @@ from typing import Any
 
 import msgspec
 
-from indexer.aggregates import Deltas
-from indexer.db import Connection
-from indexer.normalize import clean_text, normalize_datetime
 from indexer.plugin import Op
-from plugins._unique import UniqueTable, promoted_ops
+from plugins._unique import UniquePlugin, UniqueTable
+from plugins.follow import GRAPH_COLUMNS, GraphRecord, graph_rows
 
 
-class BlockRecord(msgspec.Struct):
-    subject: str
-    createdAt: Any = None
-
-
-_decoder = msgspec.json.Decoder(BlockRecord)
-_table = UniqueTable(
-    "actor_block",
-    ("uri", "cid", "creator", "subjectDid", "createdAt", "indexedAt"),
-    ("varchar",) * 6,
-    key=("creator", "subjectDid"),
-    returning="subjectDid",
-)
-
-
-class BlockPlugin:
+class BlockPlugin(UniquePlugin):
     collection = "app.bsky.graph.block"
+    table = UniqueTable(
+        "actor_block", GRAPH_COLUMNS, ("varchar",) * 6, key=("creator", "subjectDid"),
+        returning=(),
+    )  # fmt: skip
+    decode = msgspec.json.Decoder(GraphRecord).decode
 
-    def decode(self, raw: bytes) -> BlockRecord:
-        return _decoder.decode(raw)
-
-    def accepts(self, rkey: str) -> bool:
-        return True
-
-    async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        rows = [
-            (
-                op.uri,
-                op.cid,
-                op.did,
-                clean_text(op.record.subject),
-                normalize_datetime(op.record.createdAt),
-                op.indexed_at,
-            )
-            for op in ops
-        ]
-        await _table.insert(conn, rows)
-
-    async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await self.delete(conn, ops, deltas)
-        await self.insert(conn, ops, deltas)
-
-    async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        _, promoted = await _table.delete(conn, [op.uri for op in ops])
-        await self.insert(conn, promoted_ops(self.collection, self.decode, promoted), deltas)
+    def rows(self, ops: list[Op]) -> list[tuple[Any, ...]]:
+        return graph_rows(ops)

@@ -9,9 +9,9 @@ import msgspec
 from indexer.aggregates import Deltas
 from indexer.db import Connection
 from indexer.events import StrongRef
-from indexer.normalize import clean_text, normalize_datetime
-from indexer.plugin import Op, columns, sort_at
-from plugins._unique import UniqueTable, promoted_ops
+from indexer.plugin import Op, columns, sort_at, unnest_insert
+from plugins._unique import UniquePlugin, UniqueTable
+from plugins.like import SUBJECT_COLUMNS, subject_rows
 
 
 class RepostRecord(msgspec.Struct):
@@ -20,70 +20,40 @@ class RepostRecord(msgspec.Struct):
     via: StrongRef | None = None
 
 
-_decoder = msgspec.json.Decoder(RepostRecord)
-_table = UniqueTable(
-    "repost",
-    ("uri", "cid", "creator", "subject", "subjectCid", "via", "viaCid", "createdAt", "indexedAt"),
-    ("varchar",) * 9,
-    key=("creator", "subject"),
-    returning="subject",
-)
-_FEED_ITEM = (
-    'INSERT INTO feed_item (uri, cid, type, "postUri", "originatorDid", "sortAt") '
-    "SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], "
-    "$5::varchar[], $6::varchar[]) ORDER BY 1 ON CONFLICT (uri) DO NOTHING"
-)
+_FEED_ITEM = unnest_insert(
+    "feed_item", ("uri", "cid", "type", "postUri", "originatorDid", "sortAt"), ("varchar",) * 6,
+    "ON CONFLICT (uri) DO NOTHING",
+)  # fmt: skip
+_DELETE_FEED_ITEM = "DELETE FROM feed_item WHERE uri = ANY($1::varchar[])"
 
 
-class RepostPlugin:
+class RepostPlugin(UniquePlugin):
     collection = "app.bsky.feed.repost"
+    table = UniqueTable(
+        "repost", SUBJECT_COLUMNS, ("varchar",) * 9, key=("creator", "subject"),
+        returning=("cid", "creator", "subject", "createdAt", "indexedAt"),
+    )  # fmt: skip
+    decode = msgspec.json.Decoder(RepostRecord).decode
 
-    def decode(self, raw: bytes) -> RepostRecord:
-        return _decoder.decode(raw)
+    def rows(self, ops: list[Op]) -> list[tuple[Any, ...]]:
+        return subject_rows(ops)
 
-    def accepts(self, rkey: str) -> bool:
-        return True
+    def count(self, row: Any, by: int, deltas: Deltas) -> None:
+        deltas.post(row["subject"], "repostCount", by)
 
-    async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        rows = []
-        for op in ops:
-            rec: RepostRecord = op.record
-            via = rec.via
-            rows.append(
-                (
-                    op.uri,
-                    op.cid,
-                    op.did,
-                    clean_text(rec.subject.uri),
-                    clean_text(rec.subject.cid),
-                    clean_text(via.uri) if via else None,
-                    clean_text(via.cid) if via else None,
-                    normalize_datetime(rec.createdAt),
-                    op.indexed_at,
-                )
-            )
-        inserted = await _table.insert(conn, rows)
-        done = {r["uri"] for r in inserted}
+    async def insert_rows(self, conn: Connection, ops: list[Op], deltas: Deltas) -> list[Any]:
+        inserted = await super().insert_rows(conn, ops, deltas)
         items = [
-            (row[0], row[1], "repost", row[3], row[2], sort_at(row[7], row[8]))
-            for row in rows
-            if row[0] in done
-        ]
+            (r["uri"], r["cid"], "repost", r["subject"], r["creator"],
+             sort_at(r["createdAt"], r["indexedAt"]))
+            for r in inserted
+        ]  # fmt: skip
         if items:
             await conn.execute(_FEED_ITEM, *columns(items, 6))
-        for row in inserted:
-            deltas.post(row["subject"], "repostCount", 1)
+        return inserted
 
-    async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await self.delete(conn, ops, deltas)
-        await self.insert(conn, ops, deltas)
-
-    async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        deleted, promoted = await _table.delete(conn, [op.uri for op in ops])
+    async def delete_rows(self, conn: Connection, ops: list[Op], deltas: Deltas) -> list[Any]:
+        deleted = await super().delete_rows(conn, ops, deltas)
         if deleted:
-            await conn.execute(
-                "DELETE FROM feed_item WHERE uri = ANY($1::varchar[])", [r["uri"] for r in deleted]
-            )
-        for row in deleted:
-            deltas.post(row["subject"], "repostCount", -1)
-        await self.insert(conn, promoted_ops(self.collection, self.decode, promoted), deltas)
+            await conn.execute(_DELETE_FEED_ITEM, [r["uri"] for r in deleted])
+        return deleted
