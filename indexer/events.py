@@ -24,29 +24,28 @@ class _Op(msgspec.Struct, kw_only=True, tag_field="type"):
     did: str
 
 
-class Create(_Op, tag="create", kw_only=True):
+class _RecordOp(_Op, kw_only=True):
     commit: str = ""
     rev: str
     collection: str
     rkey: str
+
+
+class _Write(_RecordOp, kw_only=True):
     cid: str = ""
     record: msgspec.Raw
 
 
-class Update(_Op, tag="update", kw_only=True):
-    commit: str = ""
-    rev: str
-    collection: str
-    rkey: str
-    cid: str = ""
-    record: msgspec.Raw
+class Create(_Write, tag="create", kw_only=True):
+    pass
 
 
-class Delete(_Op, tag="delete", kw_only=True):
-    commit: str = ""
-    rev: str
-    collection: str
-    rkey: str
+class Update(_Write, tag="update", kw_only=True):
+    pass
+
+
+class Delete(_RecordOp, tag="delete", kw_only=True):
+    pass
 
 
 class Repo(_Op, tag="repo", kw_only=True):

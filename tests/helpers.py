@@ -12,14 +12,10 @@ from indexer.config import Settings
 from indexer.drift import drift, negative_counters
 from indexer.metrics import Metrics
 from indexer.replica import Replica
+from indexer.workload import BLOCK, FOLLOW, LIKE, POST, PROFILE, REPOST
 from plugins import registry
 
-LIKE = "app.bsky.feed.like"
-POST = "app.bsky.feed.post"
-REPOST = "app.bsky.feed.repost"
-FOLLOW = "app.bsky.graph.follow"
-BLOCK = "app.bsky.graph.block"
-PROFILE = "app.bsky.actor.profile"
+__all__ = ["BLOCK", "FOLLOW", "LIKE", "POST", "PROFILE", "REPOST"]
 T0 = "2024-11-19T07:06:40.000Z"
 
 
