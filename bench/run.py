@@ -146,6 +146,7 @@ class PhaseResult:
     ingest_seconds: float
     replicas: list[ReplicaStats]
     dead_lettered: int
+    warnings: int
     pg_cpu_s: float
     redis_cpu_s: float
     found: Inspection
@@ -202,6 +203,12 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _warnings(log: Path) -> int:
+    """WARNING and ERROR lines in a replica's log (retries, dead-lettering, failures)."""
+    with log.open("rb") as lines:
+        return sum(1 for line in lines if b" WARNING " in line or b" ERROR " in line)
+
+
 def ingest_file(indexer: str, env: dict[str, str], path: Path, log_path: Path) -> float:
     """`indexer ingest file PATH` as a subprocess; its wall seconds."""
     started = time.perf_counter()
@@ -245,12 +252,14 @@ def run_replicas(
 def _reap_all(
     procs: dict[str, subprocess.Popen[bytes]], started: float, log_prefix: Path
 ) -> list[ReplicaStats]:
-    """Wait for every process; wait4 gives each one's own peak RSS and CPU time."""
+    """Wait for every process, sampling its peak RSS; wait4 gives its own CPU time."""
     done: dict[str, ReplicaStats] = {}
+    peak_kb = dict.fromkeys(procs, 0)
     while len(done) < len(procs):
         for name, proc in procs.items():
             if name in done:
                 continue
+            peak_kb[name] = max(peak_kb[name], vm_hwm_kb(proc.pid))
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid == 0:
                 continue
@@ -260,12 +269,27 @@ def _reap_all(
                 raise RuntimeError(f"replica {name} exited with {proc.returncode}:\n{_tail(log)}")
             seconds = time.perf_counter() - started
             cpu = usage.ru_utime + usage.ru_stime
-            done[name] = ReplicaStats(name, seconds, usage.ru_maxrss / 1024, cpu)
+            done[name] = ReplicaStats(name, seconds, peak_kb[name] / 1024, cpu)
         if time.perf_counter() - started > PHASE_TIMEOUT_S:
             raise TimeoutError(f"replicas still running after {PHASE_TIMEOUT_S:.0f} s")
         if len(done) < len(procs):
             time.sleep(POLL_S)
     return [done[name] for name in procs]
+
+
+def vm_hwm_kb(pid: int) -> int:
+    """Peak RSS (VmHWM) of a live process, 0 once it has exited.
+
+    Not ru_maxrss from wait4: at exec, Linux carries the forking parent's peak RSS into the
+    child's maxrss, so a child of this (large) process would report our memory, not its own.
+    """
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _kill_remaining(procs: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -522,6 +546,7 @@ class Bench:
         )
         pg_cpu, redis_cpu = (a - b for a, b in zip(self.server_cpu(), cpu_before, strict=True))
         dead = int(await self.redis.xlen(constants.dlq_stream(stream)))
+        warnings = sum(_warnings(Path(f"{self.work / key}-{r.name}.log")) for r in stats)
         await self.redis.delete(stream, constants.dlq_stream(stream))
         self.say(f"{key}: {title}: {seconds:.1f} s, {events / seconds:,.0f} events/s")
         found = await inspect(self.pg.dsn(db), grown)
@@ -530,7 +555,8 @@ class Bench:
         if key != "p1":  # p1's rows seed the grown tables
             await self.drop(db)
         return PhaseResult(
-            key, title, events, seconds, ingest_s, stats, dead, pg_cpu, redis_cpu, found, copy,
+            key, title, events, seconds, ingest_s, stats, dead, warnings, pg_cpu, redis_cpu,
+            found, copy,
         )  # fmt: skip
 
     def server_cpu(self) -> tuple[float, float]:
@@ -642,6 +668,7 @@ PHASE_HEADER = (
     "Peak RSS MB",
     "CPU s indexer/PG/Redis",
     "Dead-lettered",
+    "Log warnings",
     "Counters exact",
 )
 
@@ -666,6 +693,7 @@ def _phase_rows(report: Report) -> list[list[str]]:
                 " / ".join(f"{r.peak_rss_mb:.0f}" for r in p.replicas),
                 f"{indexer_cpu:.0f} / {p.pg_cpu_s:.0f} / {p.redis_cpu_s:.0f}",
                 f"{p.dead_lettered:,}",
+                f"{p.warnings:,}",
                 "yes" if not errors else f"NO: {errors}",
             ]
         )

@@ -16,6 +16,13 @@ def normalize_datetime(value: object) -> str:
     """A valid datetime as ISO-8601 UTC with milliseconds; anything else as 1970-01-01."""
     if not isinstance(value, str) or not 10 <= len(value) <= 64:
         return UNPARSEABLE_DATE
+    if len(value) == 24 and value[19] == "." and value[23] == "Z" and value[10] == "T":
+        # Already canonical (the common case): only check that it is a real moment.
+        try:
+            datetime.fromisoformat(value[:23])
+        except ValueError:
+            return UNPARSEABLE_DATE
+        return value if value[:4] != "0000" else UNPARSEABLE_DATE
     text = value.strip()
     if text.endswith(("z", "Z")):
         text = text[:-1] + "+00:00"

@@ -146,7 +146,7 @@ class Pipeline:
         async with self._db.transaction() as conn:
             changes = await apply_guard(conn, winners)
             await write_records(conn, changes)
-            await ensure_actors(conn, {i.op.did: i.op.indexed_at for i in winners})
+            await ensure_actors(conn, _earliest_per_author(items))
             for collection in sorted({c.op.collection for c in changes}):
                 plugin = self._plugins[collection]
                 mine = [c for c in changes if c.op.collection == collection]
@@ -193,6 +193,15 @@ def _check_keys(env: Create | Update | Delete) -> None:
         raise Rejected(f"invalid rev {env.rev[:80]!r}")
     if "\x00" in env.did + env.rkey + env.rev + env.collection:
         raise Rejected("NUL in a record key")
+
+
+def _earliest_per_author(items: list[Item]) -> dict[str, str]:
+    earliest: dict[str, str] = {}
+    for item in items:
+        seen = earliest.get(item.op.did)
+        if seen is None or item.op.indexed_at < seen:
+            earliest[item.op.did] = item.op.indexed_at
+    return earliest
 
 
 def _collapse(items: list[Item]) -> list[Item]:

@@ -14,10 +14,12 @@ _UPSERT = (
     'rev = excluded.rev, "indexedAt" = excluded."indexedAt"'
 )
 _DELETE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
+# The earliest event time seen wins, so the row does not depend on delivery order.
 _ACTORS = (
-    'INSERT INTO actor (did, "indexedAt") '
+    'INSERT INTO actor AS a (did, "indexedAt") '
     "SELECT * FROM unnest($1::varchar[], $2::varchar[]) ORDER BY 1 "
-    "ON CONFLICT (did) DO NOTHING"
+    'ON CONFLICT (did) DO UPDATE SET "indexedAt" = excluded."indexedAt" '
+    'WHERE excluded."indexedAt" < a."indexedAt"'
 )
 
 
@@ -35,8 +37,8 @@ async def write_records(conn: Connection, changes: list[Change]) -> None:
 async def ensure_actors(conn: Connection, authors: dict[str, str]) -> None:
     """An `actor` row (did, indexedAt) for every author seen, even before its handle is known.
 
-    Every DID of a batch gets one, whatever the rev guard decided, so the rows do not depend on
-    the order in which events arrive.
+    Every DID of a batch gets one, whatever the rev guard decided, with the earliest event time
+    seen, so the rows do not depend on the order in which events arrive.
     """
     if authors:
         await conn.execute(_ACTORS, *columns(sorted(authors.items()), 2))

@@ -128,7 +128,7 @@ _SNAPSHOT_TABLES = {
     '"quoteCount") > 0',
     "profile_agg": 'SELECT did, "followersCount", "followsCount", "postsCount" FROM profile_agg '
     'WHERE greatest("followersCount", "followsCount", "postsCount") > 0',
-    "actor": "SELECT did FROM actor",
+    "actor": 'SELECT did, "indexedAt" FROM actor',
     "record_state": "SELECT uri, rev, live FROM record_state",
 }
 
