@@ -14,6 +14,7 @@ import typer
 from redis.exceptions import RedisError
 
 from indexer.config import ConfigError, Settings, load_settings, mask_url
+from indexer.migrate import SchemaNotReady
 
 T = TypeVar("T")
 log = logging.getLogger("indexer")
@@ -129,6 +130,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return uvloop.run(coro)
     except (ConnectionError, RedisError, OSError) as exc:
         _fail(_describe(exc), 1)
+    except SchemaNotReady as exc:
+        _fail(str(exc), 1)
     except ValueError as exc:
         _fail(str(exc), 2)
 

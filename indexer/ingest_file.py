@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 import redis.asyncio as aioredis
 import zstandard
+from rich.console import Console
 from rich.progress import Progress
 
 from indexer.config import Settings
@@ -104,6 +105,6 @@ def _progress(path: str, enabled: bool) -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
         return
-    with Progress(transient=True) as progress:
+    with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"ingesting {Path(path).name}", total=None)
         yield lambda n: progress.advance(task, n)

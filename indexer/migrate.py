@@ -19,6 +19,10 @@ _LOCK_ID = 0x1DE8_0001  # pg_advisory_lock key: one migrator at a time
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
+class SchemaNotReady(RuntimeError):
+    """The database lacks migrations this code needs."""
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int

@@ -20,6 +20,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from indexer.config import Settings
 from indexer.db import Database, is_contention, is_unavailable
 from indexer.metrics import Metrics
+from indexer.migrate import SchemaNotReady
+from indexer.migrate import pending as pending_migrations
 from indexer.pipeline import Entry, Outcome, Pipeline
 from indexer.plugin import Plugin
 from indexer.stream import StreamConsumer, connect
@@ -51,6 +53,7 @@ class Replica:
         await self._db.open()
         self._metrics.pool_size.set(self._db.size)
         try:
+            await self._check_schema()
             await self._consumer.ensure_groups()
             await self._finish_own_pending()
             workers = [
@@ -61,6 +64,15 @@ class Replica:
         finally:
             await self._db.close()
             await self._redis.aclose()
+
+    async def _check_schema(self) -> None:
+        async with self._db.connection() as conn:
+            missing = await pending_migrations(conn)
+        if missing:
+            names = ", ".join(m.name for m in missing)
+            raise SchemaNotReady(
+                f"database is not migrated ({names} pending): run `indexer migrate`"
+            )
 
     async def _wait(self, workers: list[asyncio.Task[None]]) -> None:
         """Wait for the workers; after a stop request give them the grace period, then cancel."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import zstandard
 
+from indexer.migrate import load_migrations
 from indexer.workload import write_jsonl
 from tests.helpers import assert_no_drift
 
@@ -139,3 +140,19 @@ def test_demo_runs_end_to_end():
     assert "lag: 0 entries not yet delivered, 0 pending, 0 dead-lettered" in done.stdout
     assert "800 events in" in done.stdout
     assert "counters: exact (drift 0)" in done.stdout
+
+
+def test_run_against_an_unmigrated_database_says_so(settings, postgres_server):
+    postgres_server.create_database("not_migrated")
+    try:
+        env = _env(settings) | {"DATABASE_URL": postgres_server.dsn("not_migrated")}
+        done = subprocess.run(
+            _indexer("run", "--drain"), env=env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        postgres_server.drop_database("not_migrated")
+    assert done.returncode == 1
+    names = ", ".join(m.name for m in load_migrations())
+    assert done.stderr.splitlines()[-1] == (
+        f"error: database is not migrated ({names} pending): run `indexer migrate`"
+    )
