@@ -14,13 +14,19 @@ _UPSERT = (
     'rev = excluded.rev, "indexedAt" = excluded."indexedAt"'
 )
 _DELETE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
-# The earliest event time seen wins, so the row does not depend on delivery order.
-_ACTORS = (
-    'INSERT INTO actor AS a (did, "indexedAt") '
-    "SELECT * FROM unnest($1::varchar[], $2::varchar[]) ORDER BY 1 "
-    'ON CONFLICT (did) DO UPDATE SET "indexedAt" = excluded."indexedAt" '
-    'WHERE excluded."indexedAt" < a."indexedAt"'
+# The earliest event time seen wins, so the row does not depend on delivery order. New actors
+# are inserted without locking existing rows (ON CONFLICT DO UPDATE would lock every one of
+# them until commit, serializing replicas on shared authors); the UPDATE touches, and locks,
+# only the rare row whose time moves earlier.
+_ACTORS = """
+WITH batch AS (SELECT * FROM unnest($1::varchar[], $2::varchar[]) AS b(did, t)),
+added AS (
+    INSERT INTO actor (did, "indexedAt") SELECT did, t FROM batch ORDER BY did
+    ON CONFLICT (did) DO NOTHING
 )
+UPDATE actor a SET "indexedAt" = batch.t FROM batch
+WHERE a.did = batch.did AND batch.t < a."indexedAt"
+"""
 
 
 async def write_records(conn: Connection, changes: list[Change]) -> None:

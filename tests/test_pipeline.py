@@ -180,3 +180,15 @@ async def test_database_outage_is_waited_out_not_dead_lettered(
     finally:
         await conn.close()
         postgres_server.drop_database(name)
+
+
+async def test_actor_row_keeps_the_earliest_event_time_whatever_the_order(
+    settings, redis, db, drain
+):
+    later = create(9, POST, "p1", post_record(), 11) | {"time": "2024-11-19T08:00:00.000Z"}
+    earlier = create(9, POST, "p2", post_record(), 10) | {"time": "2024-11-19T07:00:00.000Z"}
+    for event in (later, earlier, later):
+        await push(redis, settings.live_stream, [event])
+        await drain()
+    row = await db.fetchrow('SELECT did, "indexedAt" FROM actor')
+    assert (row["did"], row["indexedAt"]) == (did(9), "2024-11-19T07:00:00.000Z")
