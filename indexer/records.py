@@ -16,17 +16,19 @@ _UPSERT = (
 _DELETE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
 # The earliest event time seen wins, so the row does not depend on delivery order. New actors
 # are inserted without locking existing rows (ON CONFLICT DO UPDATE would lock every one of
-# them until commit, serializing replicas on shared authors); the UPDATE touches, and locks,
-# only the rare row whose time moves earlier.
-_ACTORS = """
-WITH batch AS (SELECT * FROM unnest($1::varchar[], $2::varchar[]) AS b(did, t)),
-added AS (
-    INSERT INTO actor (did, "indexedAt") SELECT did, t FROM batch ORDER BY did
-    ON CONFLICT (did) DO NOTHING
+# them until commit, serializing replicas on shared authors). The UPDATE is its own statement so
+# that it sees rows another batch committed while this one waited on them, and it locks only
+# the rare row whose time moves earlier.
+_NEW_ACTORS = (
+    'INSERT INTO actor (did, "indexedAt") '
+    "SELECT * FROM unnest($1::varchar[], $2::varchar[]) ORDER BY 1 "
+    "ON CONFLICT (did) DO NOTHING RETURNING did"
 )
-UPDATE actor a SET "indexedAt" = batch.t FROM batch
-WHERE a.did = batch.did AND batch.t < a."indexedAt"
-"""
+_EARLIER_ACTORS = (
+    'UPDATE actor a SET "indexedAt" = b.t '
+    "FROM unnest($1::varchar[], $2::varchar[]) AS b(did, t) "
+    'WHERE a.did = b.did AND b.t < a."indexedAt"'
+)
 
 
 async def write_records(conn: Connection, changes: list[Change]) -> None:
@@ -46,5 +48,9 @@ async def ensure_actors(conn: Connection, authors: dict[str, str]) -> None:
     Every DID of a batch gets one, whatever the rev guard decided, with the earliest event time
     seen, so the rows do not depend on the order in which events arrive.
     """
-    if authors:
-        await conn.execute(_ACTORS, *columns(sorted(authors.items()), 2))
+    if not authors:
+        return
+    added = {r["did"] for r in await conn.fetch(_NEW_ACTORS, *columns(sorted(authors.items()), 2))}
+    known = sorted((d, t) for d, t in authors.items() if d not in added)
+    if known:
+        await conn.execute(_EARLIER_ACTORS, *columns(known, 2))

@@ -1,11 +1,15 @@
-"""Tables with one row per (subject, creator): later records of the same pair are duplicates.
+"""Tables with one row per pair (a like's subject and creator, a follow's creator and subject).
 
-A duplicate is recorded in `duplicate_record`, counted nowhere, and promoted to the table (and
-counted) when the record it duplicates is deleted.
+Of the live records of one pair, the one with the lowest uri (its rkey is a TID, so the earliest
+created) is in the table and counted; the others are in `duplicate_record`, pointing at it, and
+counted nowhere. That holds whatever order the records arrive in: a record that sorts before
+the current original takes its place (the counters do not move), and when the original is
+deleted the lowest duplicate is promoted.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +21,7 @@ _PROMOTE = """
 WITH pick AS (
     SELECT DISTINCT ON ("duplicateOf") uri, "duplicateOf" AS original
     FROM duplicate_record WHERE "duplicateOf" = ANY($1::varchar[])
-    ORDER BY "duplicateOf", "indexedAt", uri
+    ORDER BY "duplicateOf", uri
 ), moved AS (
     DELETE FROM duplicate_record d USING pick WHERE d.uri = pick.uri
     RETURNING d.uri, pick.original
@@ -29,16 +33,28 @@ SELECT r.uri, r.did, r.cid, r.json, r.rev, r."indexedAt"
 FROM moved JOIN record r ON r.uri = moved.uri
 ORDER BY r.uri
 """
-
 _ADD_DUPLICATES = (
     'INSERT INTO duplicate_record (uri, cid, "duplicateOf", "indexedAt") '
     "SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[]) "
-    "ORDER BY 1 ON CONFLICT (uri) DO NOTHING"
+    'ORDER BY 1 ON CONFLICT (uri) DO UPDATE SET "duplicateOf" = excluded."duplicateOf"'
 )
+_REPOINT = (
+    'UPDATE duplicate_record d SET "duplicateOf" = m.new '
+    "FROM unnest($1::varchar[], $2::varchar[]) AS m(old, new) "
+    'WHERE d."duplicateOf" = m.old'
+)
+_DROP_DUPLICATES = "DELETE FROM duplicate_record WHERE uri = ANY($1::varchar[])"
+_MAX_ROUNDS = 4
+
+
+class ConcurrentPairChange(Exception):
+    """Another batch kept changing the same pair; the whole batch is retried."""
+
+    sqlstate = "40001"  # classified like a serialization failure
 
 
 class UniqueTable:
-    """Bulk insert and delete for a table with a unique pair key, handling duplicates."""
+    """The SQL of one pair-unique table. Rows start with uri and cid and end with indexedAt."""
 
     def __init__(
         self,
@@ -49,8 +65,8 @@ class UniqueTable:
         returning: tuple[str, ...],
     ) -> None:
         self._width = len(cols)
-        self._key_at = (cols.index(key[0]), cols.index(key[1]))
-        back = ", ".join(f'"{c}"' for c in ("uri", *returning))
+        self.key_at = (cols.index(key[0]), cols.index(key[1]))
+        back = ", ".join(f'"{c}"' for c in ("uri", "cid", "indexedAt", *returning))
         self._insert = unnest_insert(table, cols, types, f"ON CONFLICT DO NOTHING RETURNING {back}")
         self._find = (
             f'SELECT uri, "{key[0]}" AS a, "{key[1]}" AS b FROM "{table}" '
@@ -59,38 +75,31 @@ class UniqueTable:
         )
         self._delete = f'DELETE FROM "{table}" WHERE uri = ANY($1::varchar[]) RETURNING {back}'
 
-    async def insert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> list[Any]:
-        """Insert rows (uri first, cid second, indexedAt last); return those actually inserted."""
+    async def insert(
+        self, conn: Connection, rows: list[tuple[Any, ...]]
+    ) -> tuple[list[Any], list[tuple[tuple[Any, ...], str]]]:
+        """Insert rows; return (rows inserted, [(row, uri of the original of its pair)])."""
         if not rows:
-            return []
+            return [], []
         inserted = await conn.fetch(self._insert, *columns(rows, self._width))
-        if len(inserted) < len(rows):
-            done = {r["uri"] for r in inserted}
-            await self._record_duplicates(conn, [row for row in rows if row[0] not in done])
-        return list(inserted)
-
-    async def _record_duplicates(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-        ia, ib = self._key_at
-        found = await conn.fetch(self._find, [r[ia] for r in rows], [r[ib] for r in rows])
+        if len(inserted) == len(rows):
+            return list(inserted), []
+        done = {r["uri"] for r in inserted}
+        left = [row for row in rows if row[0] not in done]
+        ia, ib = self.key_at
+        # a statement of its own: it sees originals committed while the insert waited on them
+        found = await conn.fetch(self._find, [r[ia] for r in left], [r[ib] for r in left])
         original = {(f["a"], f["b"]): f["uri"] for f in found}
-        dups = []
-        for row in rows:
+        conflicts = []
+        for row in left:
             first = original.get((row[ia], row[ib]))
             if first is not None and first != row[0]:
-                dups.append((row[0], row[1], first, row[-1]))
-        if dups:
-            await conn.execute(_ADD_DUPLICATES, *columns(dups, 4))
+                conflicts.append((row, first))
+        return list(inserted), conflicts
 
-    async def delete(self, conn: Connection, uris: list[str]) -> tuple[list[Any], list[Any]]:
-        """Delete rows by uri; return (rows deleted, duplicate records promoted in their place)."""
-        if not uris:
-            return [], []
-        deleted = await conn.fetch(self._delete, uris)
-        await conn.execute("DELETE FROM duplicate_record WHERE uri = ANY($1::varchar[])", uris)
-        if not deleted:
-            return [], []
-        promoted = await conn.fetch(_PROMOTE, [r["uri"] for r in deleted])
-        return list(deleted), list(promoted)
+    async def remove(self, conn: Connection, uris: list[str]) -> list[Any]:
+        """Delete rows by uri; return those actually deleted."""
+        return list(await conn.fetch(self._delete, uris)) if uris else []
 
 
 class UniquePlugin:
@@ -109,30 +118,70 @@ class UniquePlugin:
     def count(self, row: Any, by: int, deltas: Deltas) -> None:
         """Move the counters one row (from RETURNING) contributes to, by +1 or -1."""
 
+    async def added(self, conn: Connection, rows: list[Any], deltas: Deltas) -> None:
+        """Rows now in the table: count them (subclasses may write more, such as feed items)."""
+        for row in rows:
+            self.count(row, 1, deltas)
+
+    async def removed(self, conn: Connection, rows: list[Any], deltas: Deltas) -> None:
+        """Rows gone from the table: uncount them."""
+        for row in rows:
+            self.count(row, -1, deltas)
+
     async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await self.insert_rows(conn, ops, deltas)
+        rows = self.rows(ops)
+        for _ in range(_MAX_ROUNDS):
+            inserted, conflicts = await self.table.insert(conn, rows)
+            await self.added(conn, inserted, deltas)
+            rows = await self._settle(conn, conflicts, deltas)
+            if not rows:
+                return
+        raise ConcurrentPairChange(f"{self.collection}: a pair kept changing under this batch")
 
     async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         await self.delete(conn, ops, deltas)
         await self.insert(conn, ops, deltas)
 
     async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await self.delete_rows(conn, ops, deltas)
+        uris = [op.uri for op in ops]
+        gone = await self.table.remove(conn, uris)
+        await self.removed(conn, gone, deltas)
+        await conn.execute(_DROP_DUPLICATES, uris)
+        if gone:
+            promoted = await conn.fetch(_PROMOTE, [r["uri"] for r in gone])
+            await self.insert(conn, promoted_ops(self.collection, self.decode, promoted), deltas)
 
-    async def insert_rows(self, conn: Connection, ops: list[Op], deltas: Deltas) -> list[Any]:
-        """Insert, count, and return the rows actually inserted (RETURNING)."""
-        inserted = await self.table.insert(conn, self.rows(ops))
-        for row in inserted:
-            self.count(row, 1, deltas)
-        return inserted
+    async def _settle(
+        self, conn: Connection, conflicts: list[tuple[tuple[Any, ...], str]], deltas: Deltas
+    ) -> list[tuple[Any, ...]]:
+        """Record duplicates; a row sorting before its pair's original replaces it.
 
-    async def delete_rows(self, conn: Connection, ops: list[Op], deltas: Deltas) -> list[Any]:
-        """Delete, uncount, promote duplicates; return the rows actually deleted."""
-        deleted, promoted = await self.table.delete(conn, [op.uri for op in ops])
-        for row in deleted:
-            self.count(row, -1, deltas)
-        await self.insert(conn, promoted_ops(self.collection, self.decode, promoted), deltas)
-        return deleted
+        Returns the rows that take an original's place, to be inserted next.
+        """
+        by_original: defaultdict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        for row, original in conflicts:
+            by_original[original].append(row)
+        dups: list[tuple[Any, ...]] = []
+        successor: dict[str, str] = {}
+        winners = []
+        for original, rows in sorted(by_original.items()):
+            rows.sort(key=lambda r: r[0])
+            head = rows[0]
+            if head[0] < original:
+                successor[original] = head[0]
+                winners.append(head)
+                rows = rows[1:]
+            target = successor.get(original, original)
+            dups += [(r[0], r[1], target, r[-1]) for r in rows]
+        if successor:
+            demoted = await self.table.remove(conn, sorted(successor))
+            await self.removed(conn, demoted, deltas)
+            dups += [(r["uri"], r["cid"], successor[r["uri"]], r["indexedAt"]) for r in demoted]
+            moves = sorted(successor.items())
+            await conn.execute(_REPOINT, [m[0] for m in moves], [m[1] for m in moves])
+        if dups:
+            await conn.execute(_ADD_DUPLICATES, *columns(sorted(dups), 4))
+        return winners
 
 
 def promoted_ops(collection: str, decode: Callable[[bytes], Any], rows: list[Any]) -> list[Op]:

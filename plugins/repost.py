@@ -31,7 +31,7 @@ class RepostPlugin(UniquePlugin):
     collection = "app.bsky.feed.repost"
     table = UniqueTable(
         "repost", SUBJECT_COLUMNS, ("varchar",) * 9, key=("creator", "subject"),
-        returning=("cid", "creator", "subject", "createdAt", "indexedAt"),
+        returning=("creator", "subject", "createdAt"),
     )  # fmt: skip
     decode = msgspec.json.Decoder(RepostRecord).decode
 
@@ -41,19 +41,17 @@ class RepostPlugin(UniquePlugin):
     def count(self, row: Any, by: int, deltas: Deltas) -> None:
         deltas.post(row["subject"], "repostCount", by)
 
-    async def insert_rows(self, conn: Connection, ops: list[Op], deltas: Deltas) -> list[Any]:
-        inserted = await super().insert_rows(conn, ops, deltas)
+    async def added(self, conn: Connection, rows: list[Any], deltas: Deltas) -> None:
+        await super().added(conn, rows, deltas)
         items = [
             (r["uri"], r["cid"], "repost", r["subject"], r["creator"],
              sort_at(r["createdAt"], r["indexedAt"]))
-            for r in inserted
+            for r in rows
         ]  # fmt: skip
         if items:
             await conn.execute(_FEED_ITEM, *columns(items, 6))
-        return inserted
 
-    async def delete_rows(self, conn: Connection, ops: list[Op], deltas: Deltas) -> list[Any]:
-        deleted = await super().delete_rows(conn, ops, deltas)
-        if deleted:
-            await conn.execute(_DELETE_FEED_ITEM, [r["uri"] for r in deleted])
-        return deleted
+    async def removed(self, conn: Connection, rows: list[Any], deltas: Deltas) -> None:
+        await super().removed(conn, rows, deltas)
+        if rows:
+            await conn.execute(_DELETE_FEED_ITEM, [r["uri"] for r in rows])

@@ -114,12 +114,11 @@ async def drain_replicas(settings: Settings, count: int) -> int:
 _SNAPSHOT_TABLES = {
     "record": "SELECT uri, cid, did, json, rev FROM record",
     "post": 'SELECT uri, cid, creator, text, "replyParent", "createdAt", langs::text FROM post',
-    "like_pairs": 'SELECT subject, creator FROM "like"',
-    "like_uris": 'SELECT uri FROM "like" UNION ALL SELECT uri FROM duplicate_record '
-    "WHERE uri LIKE '%/app.bsky.feed.like/%'",
-    "repost_pairs": "SELECT subject, creator FROM repost",
-    "follow_pairs": 'SELECT creator, "subjectDid" FROM follow',
-    "block_pairs": 'SELECT creator, "subjectDid" FROM actor_block',
+    "like": 'SELECT uri, subject, creator FROM "like"',
+    "repost": "SELECT uri, subject, creator FROM repost",
+    "follow": 'SELECT uri, creator, "subjectDid" FROM follow',
+    "block": 'SELECT uri, creator, "subjectDid" FROM actor_block',
+    "duplicate_record": 'SELECT uri, cid, "duplicateOf" FROM duplicate_record',
     "profile": 'SELECT uri, cid, "displayName", description FROM profile',
     "quote": "SELECT uri, subject FROM quote",
     "feed_item": 'SELECT uri, type, "postUri", "originatorDid" FROM feed_item',
@@ -134,7 +133,7 @@ _SNAPSHOT_TABLES = {
 
 
 async def snapshot(conn: Any) -> dict[str, list[tuple[Any, ...]]]:
-    """The visible state, independent of which duplicate won and of delivery order."""
+    """The visible state (everything but the times of indexing) of the tables we write."""
     state = {}
     for name, sql in _SNAPSHOT_TABLES.items():
         rows = await conn.fetch(sql)

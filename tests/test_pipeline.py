@@ -192,3 +192,34 @@ async def test_actor_row_keeps_the_earliest_event_time_whatever_the_order(
         await drain()
     row = await db.fetchrow('SELECT did, "indexedAt" FROM actor')
     assert (row["did"], row["indexedAt"]) == (did(9), "2024-11-19T07:00:00.000Z")
+
+
+async def test_the_lowest_uri_of_a_pair_is_the_original_whatever_the_order(
+    settings, redis, db, drain
+):
+    p1 = uri(1, POST, "p1")
+    later = [create(3, REPOST, "r5", repost_record(p1), 15)]
+    earlier = [create(3, REPOST, "r2", repost_record(p1), 12)]
+    middle = [create(3, REPOST, "r3", repost_record(p1), 13)]
+    for events in (later, earlier, middle):  # each in its own batch
+        await push(redis, settings.live_stream, events)
+        await drain()
+    assert await db.fetchval("SELECT uri FROM repost") == uri(3, REPOST, "r2")
+    items = await db.fetch('SELECT uri, "postUri" FROM feed_item')
+    assert [(r["uri"], r["postUri"]) for r in items] == [(uri(3, REPOST, "r2"), p1)]
+    dups = await db.fetch('SELECT uri, "duplicateOf" FROM duplicate_record ORDER BY uri')
+    assert [(r["uri"], r["duplicateOf"]) for r in dups] == [
+        (uri(3, REPOST, "r3"), uri(3, REPOST, "r2")),
+        (uri(3, REPOST, "r5"), uri(3, REPOST, "r2")),
+    ]
+    assert await db.fetchval('SELECT "repostCount" FROM post_agg') == 1
+    await push(redis, settings.live_stream, [delete(3, REPOST, "r2", 16)])
+    await drain()
+    assert await db.fetchval("SELECT uri FROM repost") == uri(3, REPOST, "r3")
+    assert await db.fetchval("SELECT uri FROM feed_item") == uri(3, REPOST, "r3")
+    dups = await db.fetch('SELECT uri, "duplicateOf" FROM duplicate_record')
+    assert [(r["uri"], r["duplicateOf"]) for r in dups] == [
+        (uri(3, REPOST, "r5"), uri(3, REPOST, "r3"))
+    ]
+    assert await db.fetchval('SELECT "repostCount" FROM post_agg') == 1
+    await assert_no_drift(db)

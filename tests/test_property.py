@@ -81,6 +81,14 @@ def model(events: list[dict[str, object]]) -> dict[str, Counter[str]]:
     likes = {(ev["record"]["subject"]["uri"], ev["did"]) for ev in live if ev["collection"] == LIKE}
     follows = {(ev["did"], ev["record"]["subject"]) for ev in live if ev["collection"] == FOLLOW}
     posts = [ev for ev in live if ev["collection"] == POST]
+    # of the live records of one pair, the lowest uri is the original; the rest are duplicates
+    pairs: dict[tuple[str, str, str], list[str]] = {}
+    for ev in live:
+        if ev["collection"] in (LIKE, FOLLOW):
+            rec = ev["record"]
+            subject = rec["subject"]["uri"] if ev["collection"] == LIKE else rec["subject"]
+            key = (ev["collection"], ev["did"], subject)
+            pairs.setdefault(key, []).append(f"at://{ev['did']}/{ev['collection']}/{ev['rkey']}")
     return {
         "likeCount": Counter(subject for subject, _ in likes),
         "followersCount": Counter(subject for _, subject in follows),
@@ -90,6 +98,10 @@ def model(events: list[dict[str, object]]) -> dict[str, Counter[str]]:
             ev["record"]["reply"]["parent"]["uri"] for ev in posts if "reply" in ev["record"]
         ),
         "live": Counter(f"at://{ev['did']}/{ev['collection']}/{ev['rkey']}" for ev in live),
+        "originals": Counter(min(uris) for uris in pairs.values()),
+        "duplicates": Counter(
+            f"{uri}>{min(uris)}" for uris in pairs.values() for uri in uris if uri != min(uris)
+        ),
     }
 
 
@@ -104,6 +116,10 @@ async def observed(conn: asyncpg.Connection) -> dict[str, Counter[str]]:
         "postsCount": await counter('SELECT did, "postsCount" FROM profile_agg'),
         "replyCount": await counter('SELECT uri, "replyCount" FROM post_agg'),
         "live": await counter("SELECT uri, 1 FROM record"),
+        "originals": await counter('SELECT uri, 1 FROM "like" UNION ALL SELECT uri, 1 FROM follow'),
+        "duplicates": await counter(
+            "SELECT uri || '>' || \"duplicateOf\", 1 FROM duplicate_record"
+        ),
     }
 
 
