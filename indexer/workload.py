@@ -14,7 +14,8 @@ Guarantees of the generated stream (all with bounded memory, for any number of e
 - a create's ``rkey`` is a fresh TID (profiles use ``self``); no live record is created twice;
 - deletes target records created earlier in the stream and not yet deleted (drawn from a bounded
   pool of recent creates; records that fall out of the pool are simply never deleted);
-- updates only touch profiles created earlier in the stream;
+- updates only touch profiles: created earlier in the stream, or (most of them) before it began;
+  profile writes are spread uniformly over accounts;
 - likes/reposts/replies/quotes reference posts created earlier in the stream by strong ref
   (``{"uri", "cid"}``); a reply's root is its parent's root when the parent is itself a reply;
 - about 1% of likes deliberately duplicate an earlier like (same creator and subject, new rkey);
@@ -69,6 +70,7 @@ IDENTITY_SHARE = 0.003
 ACCOUNT_SHARE = 0.002
 DELETE_SHARE = 0.08
 PROFILE_WRITE_SHARE = 0.01  # ~90% updates of existing profiles, the rest profile creates
+PROFILE_EXISTED_SHARE = 0.9  # accounts whose profile predates the stream
 # Collection weights of the non-profile creates (cumulative table built in the generator).
 CREATE_MIX: tuple[tuple[str, float], ...] = (
     (LIKE, 61.0),
@@ -214,7 +216,6 @@ class _Generator:
         self.seen_new: set[int] = set()
         self.seen_old: set[int] = set()
         self.has_profile = bytearray(accounts)
-        self.profiled: list[int] = []
         self.iso_cache: dict[int, str] = {}
 
     # -- small helpers -------------------------------------------------------------------------
@@ -429,15 +430,15 @@ class _Generator:
         self.post_count += 1
 
     def _profile(self) -> Event:
+        # Profile writes are spread over all accounts, as on the network, where one account
+        # seldom writes its profile twice within seconds. Most accounts had a profile before the
+        # stream began, so most writes are updates of a profile the stream never created.
         rng = self.rng
-        if self.profiled and rng.random() < 0.9:
-            account = self.profiled[self._index(len(self.profiled))]
-        else:
-            account = self._index(self.accounts)
-        operation = "update" if self.has_profile[account] else "create"
-        if operation == "create":
+        account = self._index(self.accounts)
+        if not self.has_profile[account] and rng.random() < PROFILE_EXISTED_SHARE:
             self.has_profile[account] = 1
-            self.profiled.append(account)
+        operation = "update" if self.has_profile[account] else "create"
+        self.has_profile[account] = 1
         record: Record = {
             "$type": PROFILE,
             "displayName": " ".join(rng.choices(self.words, k=2)).title()[:64],
