@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 _MAX_BACKOFF_S = 10.0
+_SETTLE_DEADLINE_S = 5.0
 
 
 class Replica:
@@ -43,6 +44,7 @@ class Replica:
         self._consumer = StreamConsumer(settings, self._redis)
         self._pipeline = Pipeline(self._db, plugins)
         self._stopping = asyncio.Event()
+        self._settling: set[asyncio.Task[None]] = set()
         self.indexed = 0
 
     def stop(self) -> None:
@@ -62,6 +64,8 @@ class Replica:
             ]
             await self._wait(workers)
         finally:
+            if self._settling:  # ACKs of committed batches whose workers were cancelled
+                await asyncio.wait(self._settling, timeout=_SETTLE_DEADLINE_S)
             await self._db.close()
             await self._redis.aclose()
 
@@ -124,10 +128,15 @@ class Replica:
                 await self._handle(entries)
 
     async def _handle(self, entries: list[Entry]) -> None:
-        """Commit the batch, then ACK it; the pair is shielded so a stop cannot split them."""
+        """Commit the batch, then ACK it. A cancellation before the commit rolls the batch back
+        (it stays pending); the ACK after the commit is shielded, so a commit is never left
+        un-ACKed by a stop."""
         started = time.monotonic()
         outcome = await self._commit(entries)
-        await asyncio.shield(self._settle(outcome))
+        settle = asyncio.create_task(self._settle(outcome))
+        self._settling.add(settle)
+        settle.add_done_callback(self._settling.discard)
+        await asyncio.shield(settle)
         self._metrics.batch_duration.observe(time.monotonic() - started)
         self._metrics.batch_size.observe(len(entries))
         self._record(outcome)

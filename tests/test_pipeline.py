@@ -223,3 +223,37 @@ async def test_the_lowest_uri_of_a_pair_is_the_original_whatever_the_order(
     ]
     assert await db.fetchval('SELECT "repostCount" FROM post_agg') == 1
     await assert_no_drift(db)
+
+
+async def test_stop_past_the_grace_period_hands_the_batch_back(settings, redis, db):
+    """A batch stuck past the grace period is cancelled un-ACKed, and indexed by the next run."""
+    from indexer.metrics import Metrics
+    from indexer.replica import Replica
+    from plugins import registry
+
+    p1 = uri(1, POST, "p1")
+    await push(redis, settings.live_stream, [create(2, LIKE, f"l{n}", like_record(p1), 10 + n)
+                                             for n in range(20)])  # fmt: skip
+    await redis.xgroup_create(settings.live_stream, settings.group, id="0")
+    blocker = db.transaction()
+    await blocker.start()
+    await db.execute("LOCK TABLE record_state IN ACCESS EXCLUSIVE MODE")
+    replica = Replica(settings.replace(shutdown_grace_s=0.2), registry(), Metrics())
+    task = asyncio.create_task(replica.run())
+    deadline = asyncio.get_running_loop().time() + 20
+    while (await redis.xpending(settings.live_stream, settings.group))["pending"] == 0:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    replica.stop()
+    await asyncio.wait_for(task, 10)  # returns on its own, after the grace period
+    pending = await redis.xpending(settings.live_stream, settings.group)
+    assert pending["pending"] == 20  # handed back: nothing ACKed without its commit
+    await blocker.rollback()
+    assert await db.fetchval("SELECT count(*) FROM record") == 0
+    # the same consumer name, restarted, picks its pending entries up first
+    again = Replica(settings, registry(), Metrics())
+    await asyncio.wait_for(again.run(drain=True), 30)
+    assert await db.fetchval('SELECT "likeCount" FROM post_agg WHERE uri = $1', p1) == 1
+    assert await db.fetchval("SELECT count(*) FROM record") == 20
+    assert (await redis.xpending(settings.live_stream, settings.group))["pending"] == 0
+    await assert_no_drift(db)
