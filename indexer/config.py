@@ -53,6 +53,16 @@ class Settings:
         if urlsplit(self.database_url).scheme not in ("postgresql", "postgres"):
             raise ConfigError(f"DATABASE_URL must be postgresql://: {mask_url(self.database_url)}")
 
+    def __repr__(self) -> str:
+        """Every field, with passwords in URLs masked (settings may end up in a log line)."""
+        fields = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_url"):
+                value = mask_url(value)
+            fields.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(fields)})"
+
     @property
     def live_stream(self) -> str:
         return self.streams[0]
