@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -10,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+from asyncpg.exceptions import _base as asyncpg_base
 
 from indexer.config import Settings, mask_url
 
@@ -25,6 +25,9 @@ _RETRY_STATES = ("40001", "40P01", "55P03")
 
 
 def is_data_error(exc: BaseException) -> bool:
+    """The rows are bad: PostgreSQL refused them, or asyncpg could not encode a value."""
+    if isinstance(exc, asyncpg_base.DataError):
+        return True
     state = getattr(exc, "sqlstate", None)
     return isinstance(state, str) and state[:2] in _DATA_CLASSES
 
@@ -35,7 +38,9 @@ def is_contention(exc: BaseException) -> bool:
 
 def is_unavailable(exc: BaseException) -> bool:
     """PostgreSQL is down, restarting or unreachable: wait and retry, never dead-letter."""
-    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)):
+    if isinstance(exc, (OSError, TimeoutError)):
+        return True
+    if type(exc) is asyncpg.InterfaceError:  # "connection is closed"; not its subclasses
         return True
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""

@@ -58,7 +58,7 @@ def envelopes(lines: BinaryIO, report: IngestReport) -> Iterator[bytes]:
             continue
         try:
             yield normalize_line(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             report.bad += 1
             if report.bad <= _MAX_BAD_LOGGED:
                 log.warning("line %d skipped: %s", number, str(exc)[:300])

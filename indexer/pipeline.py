@@ -116,7 +116,7 @@ class Pipeline:
                 raise Rejected(f"record of {len(raw)} bytes exceeds {MAX_RECORD_JSON_BYTES}")
             try:
                 op.record = plugin.decode(raw)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise Rejected(f"invalid {env.collection} record: {exc}") from None
             op.cid, op.json = env.cid, clean_json_text(raw)
         return Item(entry, op, operation, indexed_at)
@@ -174,6 +174,8 @@ def _decode_envelope(raw: bytes | None) -> Envelope:
         raise Rejected("entry has no `event` field")
     try:
         return envelope_decoder.decode(raw)
+    except RecursionError:
+        raise Rejected("undecodable event: nested too deeply") from None
     except ValueError as exc:
         repaired = repair_json(raw)
         if repaired is None:

@@ -11,28 +11,25 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from indexer.aggregates import Deltas
 from indexer.db import Connection
 from indexer.plugin import Op, columns, unnest_insert
 
-_PROMOTE = """
-WITH pick AS (
-    SELECT DISTINCT ON ("duplicateOf") uri, "duplicateOf" AS original
-    FROM duplicate_record WHERE "duplicateOf" = ANY($1::varchar[])
-    ORDER BY "duplicateOf", uri
-), moved AS (
-    DELETE FROM duplicate_record d USING pick WHERE d.uri = pick.uri
-    RETURNING d.uri, pick.original
-), repointed AS (
-    UPDATE duplicate_record d SET "duplicateOf" = moved.uri
-    FROM moved WHERE d."duplicateOf" = moved.original AND d.uri <> moved.uri
+# Duplicates of deleted originals that are still live. Their rev-guard rows are locked, so a
+# concurrent batch deleting one of them either went first (the row is then no longer live and
+# is skipped) or waits for this one (and then deletes the promoted row).
+_CANDIDATES = (
+    'SELECT d.uri, d."duplicateOf" AS original FROM duplicate_record d '
+    "JOIN record_state s ON s.uri = d.uri "
+    'WHERE d."duplicateOf" = ANY($1::varchar[]) AND s.live ORDER BY s.uri FOR UPDATE OF s'
 )
-SELECT r.uri, r.did, r.cid, r.json, r.rev, r."indexedAt"
-FROM moved JOIN record r ON r.uri = moved.uri
-ORDER BY r.uri
-"""
+_RECORDS = (
+    'SELECT uri, did, cid, json, rev, "indexedAt" FROM record '
+    "WHERE uri = ANY($1::varchar[]) ORDER BY uri"
+)
 _ADD_DUPLICATES = (
     'INSERT INTO duplicate_record (uri, cid, "duplicateOf", "indexedAt") '
     "SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[]) "
@@ -53,6 +50,13 @@ class ConcurrentPairChange(Exception):
     sqlstate = "40001"  # classified like a serialization failure
 
 
+@dataclass(slots=True)
+class Inserted:
+    rows: list[Any]  # inserted, as RETURNING gave them
+    conflicts: list[tuple[tuple[Any, ...], str]]  # (row, uri of its pair's original)
+    retry: list[tuple[Any, ...]]  # conflicted with an original that has since gone
+
+
 class UniqueTable:
     """The SQL of one pair-unique table. Rows start with uri and cid and end with indexedAt."""
 
@@ -68,34 +72,36 @@ class UniqueTable:
         self.key_at = (cols.index(key[0]), cols.index(key[1]))
         back = ", ".join(f'"{c}"' for c in ("uri", "cid", "indexedAt", *returning))
         self._insert = unnest_insert(table, cols, types, f"ON CONFLICT DO NOTHING RETURNING {back}")
+        # FOR SHARE: the original cannot be deleted or replaced by another batch until this one,
+        # which is about to record duplicates of it, has committed.
         self._find = (
             f'SELECT uri, "{key[0]}" AS a, "{key[1]}" AS b FROM "{table}" '
             f'WHERE ("{key[0]}", "{key[1]}") IN '
-            "(SELECT * FROM unnest($1::varchar[], $2::varchar[]))"
+            "(SELECT * FROM unnest($1::varchar[], $2::varchar[])) ORDER BY uri FOR SHARE"
         )
         self._delete = f'DELETE FROM "{table}" WHERE uri = ANY($1::varchar[]) RETURNING {back}'
 
-    async def insert(
-        self, conn: Connection, rows: list[tuple[Any, ...]]
-    ) -> tuple[list[Any], list[tuple[tuple[Any, ...], str]]]:
-        """Insert rows; return (rows inserted, [(row, uri of the original of its pair)])."""
+    async def insert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> Inserted:
+        """Insert rows; say which went in, which conflict with an original, which to retry."""
         if not rows:
-            return [], []
+            return Inserted([], [], [])
         inserted = await conn.fetch(self._insert, *columns(rows, self._width))
         if len(inserted) == len(rows):
-            return list(inserted), []
+            return Inserted(list(inserted), [], [])
         done = {r["uri"] for r in inserted}
         left = [row for row in rows if row[0] not in done]
         ia, ib = self.key_at
         # a statement of its own: it sees originals committed while the insert waited on them
         found = await conn.fetch(self._find, [r[ia] for r in left], [r[ib] for r in left])
         original = {(f["a"], f["b"]): f["uri"] for f in found}
-        conflicts = []
+        result = Inserted(list(inserted), [], [])
         for row in left:
             first = original.get((row[ia], row[ib]))
-            if first is not None and first != row[0]:
-                conflicts.append((row, first))
-        return list(inserted), conflicts
+            if first is None:
+                result.retry.append(row)  # its original was deleted meanwhile: try again
+            elif first != row[0]:
+                result.conflicts.append((row, first))
+        return result
 
     async def remove(self, conn: Connection, uris: list[str]) -> list[Any]:
         """Delete rows by uri; return those actually deleted."""
@@ -131,9 +137,9 @@ class UniquePlugin:
     async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         rows = self.rows(ops)
         for _ in range(_MAX_ROUNDS):
-            inserted, conflicts = await self.table.insert(conn, rows)
-            await self.added(conn, inserted, deltas)
-            rows = await self._settle(conn, conflicts, deltas)
+            result = await self.table.insert(conn, rows)
+            await self.added(conn, result.rows, deltas)
+            rows = await self._settle(conn, result.conflicts, deltas) + result.retry
             if not rows:
                 return
         raise ConcurrentPairChange(f"{self.collection}: a pair kept changing under this batch")
@@ -148,8 +154,21 @@ class UniquePlugin:
         await self.removed(conn, gone, deltas)
         await conn.execute(_DROP_DUPLICATES, uris)
         if gone:
-            promoted = await conn.fetch(_PROMOTE, [r["uri"] for r in gone])
-            await self.insert(conn, promoted_ops(self.collection, self.decode, promoted), deltas)
+            await self._promote(conn, [r["uri"] for r in gone], deltas)
+
+    async def _promote(self, conn: Connection, originals: list[str], deltas: Deltas) -> None:
+        """The lowest live duplicate of each deleted original takes its place."""
+        heirs: dict[str, str] = {}
+        for c in await conn.fetch(_CANDIDATES, originals):
+            if c["original"] not in heirs or c["uri"] < heirs[c["original"]]:
+                heirs[c["original"]] = c["uri"]
+        if not heirs:
+            return
+        moves = sorted(heirs.items())
+        await conn.execute(_DROP_DUPLICATES, [new for _, new in moves])
+        await conn.execute(_REPOINT, [old for old, _ in moves], [new for _, new in moves])
+        records = await conn.fetch(_RECORDS, [new for _, new in moves])
+        await self.insert(conn, promoted_ops(self.collection, self.decode, records), deltas)
 
     async def _settle(
         self, conn: Connection, conflicts: list[tuple[tuple[Any, ...], str]], deltas: Deltas

@@ -1,0 +1,24 @@
+"""Database failures are classified: retry (outage, contention), dead-letter (data), or crash."""
+
+from __future__ import annotations
+
+import asyncpg
+from asyncpg.exceptions import _base
+
+from indexer.db import is_contention, is_data_error, is_unavailable
+
+
+def test_failures_are_classified():
+    assert is_data_error(asyncpg.UniqueViolationError("dup"))
+    assert is_data_error(asyncpg.ProgramLimitExceededError("index row too big"))
+    assert is_data_error(_base.DataError("invalid input for query argument"))
+    assert not is_unavailable(_base.DataError("invalid input for query argument"))
+    assert is_unavailable(asyncpg.InterfaceError("connection is closed"))
+    assert is_unavailable(asyncpg.ConnectionDoesNotExistError("gone"))
+    assert is_unavailable(asyncpg.CannotConnectNowError("starting up"))
+    assert is_unavailable(ConnectionRefusedError())
+    assert is_unavailable(TimeoutError())
+    assert is_contention(asyncpg.DeadlockDetectedError("deadlock"))
+    assert is_contention(asyncpg.SerializationError("serialization"))
+    assert not is_unavailable(asyncpg.UndefinedTableError("no table"))
+    assert not is_data_error(asyncpg.UndefinedTableError("no table"))

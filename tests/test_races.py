@@ -1,0 +1,148 @@
+"""Two batches on one (creator, subject) pair, interleaved on purpose on a real PostgreSQL.
+
+A gated database pauses a batch at a chosen statement or just before its commit, so the other
+batch runs in between; the final state must be the one the highest revs say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from indexer.metrics import Metrics
+from indexer.pipeline import Entry, Pipeline
+from indexer.replica import Replica
+from plugins import registry
+from tests.helpers import LIKE, POST, assert_no_drift, create, delete, like_record, push, uri
+
+P1 = uri(1, POST, "p1")
+
+
+class _Paused:
+    """A connection that stops before the first statement containing `marker`."""
+
+    def __init__(self, conn: Any, marker: str | None, gate: GatedDatabase) -> None:
+        self._conn, self._marker, self._gate = conn, marker, gate
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._conn, name)
+        if name not in ("fetch", "execute"):
+            return attr
+
+        async def call(sql: str, *args: Any) -> Any:
+            if self._marker and self._marker in sql:
+                self._marker = None
+                self._gate.reached.set()
+                await self._gate.go.wait()
+            return await attr(sql, *args)
+
+        return call
+
+
+class GatedDatabase:
+    """Stands in for indexer.db.Database: real connections, with pauses a test controls."""
+
+    def __init__(self, url: str, *, pause_at: str | None = None, hold_commit: bool = False):
+        self._url, self._pause_at, self._hold = url, pause_at, hold_commit
+        self.reached, self.go = asyncio.Event(), asyncio.Event()
+        self.before_commit, self.release = asyncio.Event(), asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        conn = await asyncpg.connect(self._url)
+        try:
+            async with conn.transaction():
+                yield _Paused(conn, self._pause_at, self)
+                if self._hold:
+                    self.before_commit.set()
+                    await self.release.wait()
+        finally:
+            await conn.close()
+
+
+def _batch(*events: dict[str, Any]) -> list[Entry]:
+    return [Entry("s", f"{n}-0", msgspec.json.encode(e)) for n, e in enumerate(events, 1)]
+
+
+async def _state(db: asyncpg.Connection) -> tuple[Any, ...]:
+    likes = sorted(r["uri"].rsplit("/", 1)[1] for r in await db.fetch('SELECT uri FROM "like"'))
+    dups = sorted(
+        (r["uri"].rsplit("/", 1)[1], r["duplicateOf"].rsplit("/", 1)[1])
+        for r in await db.fetch('SELECT uri, "duplicateOf" FROM duplicate_record')
+    )
+    count = await db.fetchval('SELECT "likeCount" FROM post_agg WHERE uri = $1', P1)
+    return likes, dups, count
+
+
+async def _pipeline(url: str, **gate: Any) -> tuple[Pipeline, GatedDatabase]:
+    database = GatedDatabase(url, **gate)
+    return Pipeline(database, registry()), database  # type: ignore[arg-type]
+
+
+async def test_duplicate_recorded_while_its_original_is_deleted(database_url, db):
+    plain, _ = await _pipeline(database_url)
+    await plain.process(_batch(create(3, LIKE, "l1", like_record(P1), 10)))
+    held, gate = await _pipeline(database_url, hold_commit=True)
+    b = asyncio.create_task(held.process(_batch(create(3, LIKE, "l5", like_record(P1), 15))))
+    await gate.before_commit.wait()  # l5 recorded as a duplicate of l1, not yet committed
+    a = asyncio.create_task(plain.process(_batch(delete(3, LIKE, "l1", 16))))
+    await asyncio.sleep(0.3)
+    gate.release.set()
+    await asyncio.gather(a, b)
+    assert await _state(db) == (["l5"], [], 1)
+    await assert_no_drift(db)
+
+
+async def test_original_deleted_between_insert_and_lookup(database_url, db):
+    plain, _ = await _pipeline(database_url)
+    await plain.process(_batch(create(3, LIKE, "l1", like_record(P1), 10)))
+    paused, gate = await _pipeline(database_url, pause_at='AS a, "creator" AS b')
+    b = asyncio.create_task(paused.process(_batch(create(3, LIKE, "l5", like_record(P1), 15))))
+    await gate.reached.wait()
+    await plain.process(_batch(delete(3, LIKE, "l1", 16)))  # commits before B looks it up
+    gate.go.set()
+    await b
+    assert await _state(db) == (["l5"], [], 1)
+    await assert_no_drift(db)
+
+
+async def test_promoted_duplicate_deleted_by_a_concurrent_batch(database_url, db):
+    plain, _ = await _pipeline(database_url)
+    await plain.process(
+        _batch(
+            create(3, LIKE, "l1", like_record(P1), 10), create(3, LIKE, "l5", like_record(P1), 11)
+        )
+    )
+    assert await _state(db) == (["l1"], [("l5", "l1")], 1)
+    held, gate = await _pipeline(database_url, hold_commit=True)
+    a = asyncio.create_task(held.process(_batch(delete(3, LIKE, "l1", 20))))
+    await gate.before_commit.wait()  # l5 promoted, not yet committed
+    b = asyncio.create_task(plain.process(_batch(delete(3, LIKE, "l5", 21))))
+    await asyncio.sleep(0.3)
+    gate.release.set()
+    await asyncio.gather(a, b)
+    assert await _state(db) == ([], [], 0)
+    await assert_no_drift(db)
+
+
+async def test_deeply_nested_entry_is_dead_lettered_not_a_crash_loop(settings, redis, db):
+    deep = (
+        b'{"type":"create","did":"did:plc:x","rev":"3kaaaaaaaaaaa","collection":"app.bsky.feed'
+        b'.like","rkey":"a","record":{"subject":{"uri":"x","cid":"y"},"j":'
+        + b"[" * 1200
+        + b"]" * 1200
+        + b"}}"
+    )
+    good = [create(2, LIKE, f"l{n}", like_record(P1), 10 + n) for n in range(5)]
+    await push(redis, settings.live_stream, [deep, *good])
+    replica = Replica(settings, registry(), Metrics())
+    await asyncio.wait_for(replica.run(drain=True), 30)
+    dlq = await redis.xrange(f"{settings.live_stream}:dlq")
+    assert len(dlq) == 1
+    assert b"nest" in dlq[0][1][b"reason"].lower()
+    assert await db.fetchval("SELECT count(*) FROM record") == 5
