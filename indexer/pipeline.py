@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from indexer.aggregates import Deltas
-from indexer.constants import MAX_RECORD_JSON_BYTES
+from indexer.constants import MAX_CID_CHARS, MAX_RECORD_JSON_BYTES
 from indexer.db import Database, is_data_error
 from indexer.events import Create, Delete, Envelope, Update, envelope_decoder
 from indexer.guard import Change, apply_guard
-from indexer.normalize import clean_json_text, normalize_datetime, repair_json
+from indexer.normalize import clean_json_text, clean_text, normalize_datetime, repair_json
 from indexer.plugin import Op, Plugin
 from indexer.records import ensure_actors, write_records
 
@@ -118,7 +118,7 @@ class Pipeline:
                 op.record = plugin.decode(raw)
             except (ValueError, RecursionError) as exc:
                 raise Rejected(f"invalid {env.collection} record: {exc}") from None
-            op.cid, op.json = env.cid, clean_json_text(raw)
+            op.cid, op.json = clean_text(env.cid, MAX_CID_CHARS), clean_json_text(raw)
         return Item(entry, op, operation, indexed_at)
 
     async def _write_isolating(self, items: list[Item]) -> Outcome:

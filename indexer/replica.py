@@ -57,9 +57,8 @@ class Replica:
         try:
             await self._check_schema()
             await self._consumer.ensure_groups()
-            await self._finish_own_pending()
             workers = [
-                asyncio.create_task(self._work(drain), name=f"worker-{n}")
+                asyncio.create_task(self._work(drain, recover=n == 0), name=f"worker-{n}")
                 for n in range(self._settings.concurrency)
             ]
             await self._wait(workers)
@@ -82,16 +81,14 @@ class Replica:
         """Wait for the workers; after a stop request give them the grace period, then cancel."""
         stop = asyncio.create_task(self._stopping.wait())
         try:
-            done, _ = await asyncio.wait([stop, *workers], return_when=asyncio.FIRST_COMPLETED)
-            if stop in done:
-                _, late = await asyncio.wait(workers, timeout=self._settings.shutdown_grace_s)
-                for task in late:
-                    log.warning(
-                        "grace period over: cancelling %s; its batch stays pending", task.get_name()
-                    )
-                    task.cancel()
-            else:
-                self._stopping.set()  # a worker ended (drained, or crashed): the others stop too
+            await asyncio.wait([stop, *workers], return_when=asyncio.FIRST_COMPLETED)
+            self._stopping.set()  # a stop request, or a worker ended (drained, or crashed)
+            _, late = await asyncio.wait(workers, timeout=self._settings.shutdown_grace_s)
+            for task in late:
+                log.warning(
+                    "grace period over: cancelling %s; its batch stays pending", task.get_name()
+                )
+                task.cancel()
             for result in await asyncio.gather(*workers, return_exceptions=True):
                 if isinstance(result, Exception):
                     raise result  # a bug we must see; cancelled workers are not errors
@@ -111,7 +108,9 @@ class Replica:
                 after = entries[-1].id
                 await self._handle(entries)
 
-    async def _work(self, drain: bool) -> None:
+    async def _work(self, drain: bool, *, recover: bool) -> None:
+        if recover:
+            await self._finish_own_pending()
         while not self._stopping.is_set():
             try:
                 entries = await self._consumer.read_new(

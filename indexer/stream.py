@@ -117,8 +117,11 @@ class StreamConsumer:
         return states
 
     async def _lag_from_ids(self, stream: str, last_delivered: str) -> int:
-        """Entries after the group's last delivered id, for when Redis cannot say."""
-        return len(await self._redis.xrange(stream, f"({last_delivered}", "+") or [])
+        """For when Redis cannot say: 1 if any entry follows the last delivered id, else 0.
+
+        A lower bound, read without loading the backlog (enough to tell drained from not).
+        """
+        return len(await self._redis.xrange(stream, f"({last_delivered}", "+", count=1) or [])
 
     async def drained(self) -> bool:
         """True once the group has delivered everything and nothing is pending."""
