@@ -34,12 +34,10 @@ class Settings:
     plc_url: str = c.DEFAULT_PLC_URL
     block_ms: int = c.DEFAULT_BLOCK_MS
     acquire_timeout_s: float = c.DEFAULT_ACQUIRE_TIMEOUT_S
-    max_deliveries: int = c.DEFAULT_MAX_DELIVERIES
-    claim_idle_s: float = c.DEFAULT_CLAIM_IDLE_S
     shutdown_grace_s: float = c.DEFAULT_SHUTDOWN_GRACE_S
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "concurrency", "db_pool_size", "max_deliveries"):
+        for name in ("batch_size", "concurrency", "db_pool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.metrics_port <= 65535:
@@ -89,8 +87,6 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PLC_URL": ("plc_url", str),
     "INDEXER_BLOCK_MS": ("block_ms", int),
     "DB_ACQUIRE_TIMEOUT_S": ("acquire_timeout_s", float),
-    "INDEXER_MAX_DELIVERIES": ("max_deliveries", int),
-    "INDEXER_CLAIM_IDLE_S": ("claim_idle_s", float),
     "INDEXER_SHUTDOWN_GRACE_S": ("shutdown_grace_s", float),
 }
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -82,13 +81,11 @@ class Database:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
         """A pooled connection; waits at most `acquire_timeout_s` for one."""
-        started = time.monotonic()
         self.waiting += 1
         try:
             conn = await self._pool.acquire(timeout=self._settings.acquire_timeout_s)
         finally:
             self.waiting -= 1
-        self.last_acquire_s = time.monotonic() - started
         self.in_use += 1
         try:
             yield conn
