@@ -1,0 +1,60 @@
+"""Command line: the options of one benchmark run."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from indexer import constants
+
+RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    events: int
+    batch_size: int
+    concurrency: int
+    pool_size: int
+    grow_rows: int
+    seed: int
+    write: bool
+    results: Path
+
+
+def _count(text: str) -> int:
+    value = int(text.replace("_", "").replace(",", ""))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    """The options from the command line (`python -m bench.run --help`)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="End-to-end indexer throughput beside the raw COPY rate of the same rows.",
+    )
+    parser.add_argument("--events", type=_count, default=200_000, help="events per phase")
+    parser.add_argument("--batch-size", type=_count, default=constants.DEFAULT_BATCH_SIZE)
+    parser.add_argument("--concurrency", type=_count, default=constants.DEFAULT_CONCURRENCY)
+    parser.add_argument("--pool-size", type=_count, default=constants.DEFAULT_DB_POOL_SIZE)
+    parser.add_argument(
+        "--grow-rows", type=_count, default=2_000_000, help="rows in the grown tables (at least)"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="workload seed (grown: seed + 1)")
+    parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    return Options(
+        events=args.events,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        pool_size=args.pool_size,
+        grow_rows=args.grow_rows,
+        seed=args.seed,
+        write=not args.no_write,
+        results=args.results,
+    )
