@@ -14,7 +14,7 @@ import zstandard
 
 from indexer.migrate import load_migrations
 from indexer.workload import write_jsonl
-from tests.helpers import assert_no_drift
+from tests.helpers import assert_no_drift, snapshot
 
 BAD_LINES = [
     b"{broken",
@@ -39,6 +39,32 @@ def _env(settings) -> dict[str, str]:
 
 def _indexer(*args: str) -> list[str]:
     return [sys.executable, "-m", "indexer.cli", *args]
+
+
+async def _reference_state(settings, path: Path, env: dict[str, str]) -> dict[str, object]:
+    """The state the events in `path` give when indexed without incident, in a fresh database."""
+    import asyncpg
+
+    admin = await asyncpg.connect(settings.database_url)
+    name = f"ref_{os.getpid()}_{int(time.time() * 1000)}"
+    template = settings.database_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE indexer_template')
+        ref_env = env | {
+            "DATABASE_URL": template,
+            "INDEXER_STREAMS": settings.live_stream,
+            "INDEXER_GROUP": settings.group,
+        }
+        for args in (("ingest", "file", str(path)), ("run", "--drain", "--consumer", "ref")):
+            subprocess.run(_indexer(*args), env=ref_env, check=True, capture_output=True)
+        conn = await asyncpg.connect(template)
+        try:
+            return await snapshot(conn)
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 def _sample(tmp_path: Path, n: int) -> Path:
@@ -161,3 +187,31 @@ def test_run_against_an_unmigrated_database_says_so(settings, postgres_server):
     assert done.stderr.splitlines()[-1] == (
         f"error: database is not migrated ({names} pending): run `indexer migrate`"
     )
+
+
+async def test_kill_9_mid_run_then_restart_loses_and_doubles_nothing(settings, redis, db, tmp_path):
+    """ACK only after COMMIT: a replica killed mid-batch leaves its batch pending, and the same
+    consumer, restarted, indexes it; replayed entries are absorbed by the rev guard."""
+    path = _sample(tmp_path, 6000)
+    env = _env(settings) | {"INDEXER_BATCH_SIZE": "100"}
+    subprocess.run(_indexer("ingest", "file", str(path)), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(_indexer("run", "--consumer", "k"), env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while await db.fetchval("SELECT count(*) FROM record") < 1500:
+        assert time.monotonic() < deadline and proc.poll() is None
+        await asyncio.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=10)
+    pending = (await redis.xpending(settings.live_stream, settings.group))["pending"]
+    assert pending > 0  # killed with batches read but not ACKed
+    again = subprocess.run(
+        _indexer("run", "--drain", "--consumer", "k"), env=env, capture_output=True, timeout=120
+    )
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    assert (await redis.xpending(settings.live_stream, settings.group))["pending"] == 0
+
+    # the same events, indexed in one go on a database that saw no crash, give the same state
+    clean = settings.replace(streams=(settings.live_stream + "_ref",), group="ref")
+    reference = await _reference_state(clean, path, env)
+    assert await snapshot(db) == reference
+    await assert_no_drift(db)
