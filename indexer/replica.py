@@ -24,7 +24,7 @@ from indexer.migrate import SchemaNotReady
 from indexer.migrate import pending as pending_migrations
 from indexer.pipeline import Entry, Outcome, Pipeline
 from indexer.plugin import Plugin
-from indexer.stream import StreamConsumer, connect
+from indexer.stream import StreamConsumer, connect, stream_id
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,13 @@ class Replica:
         try:
             await self._check_schema()
             await self._consumer.ensure_groups()
+            # Entries pending on this consumer were all delivered before now: recovery stops at
+            # these ids, so it never takes up what the other workers read from here on.
+            bounds = await self._consumer.last_delivered_ids()
             workers = [
-                asyncio.create_task(self._work(drain, recover=n == 0), name=f"worker-{n}")
+                asyncio.create_task(
+                    self._work(drain, recover_until=bounds if n == 0 else None), name=f"worker-{n}"
+                )
                 for n in range(self._settings.concurrency)
             ]
             await self._wait(workers)
@@ -95,22 +100,28 @@ class Replica:
         finally:
             stop.cancel()
 
-    async def _finish_own_pending(self) -> None:
+    async def _finish_own_pending(self, bounds: dict[str, str]) -> None:
         """Entries this consumer read before a restart but never ACKed are handled first."""
-        for stream in self._settings.streams:
+        for stream, bound in bounds.items():
             after = "0"
             while not self._stopping.is_set():
-                entries = await self._consumer.read_pending(
-                    stream, after, self._settings.batch_size
-                )
+                try:
+                    entries = await self._consumer.read_pending(
+                        stream, after, self._settings.batch_size
+                    )
+                except _REDIS_DOWN as exc:
+                    log.warning("redis unavailable while recovering (%s); retrying in 1s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                entries = [e for e in entries if stream_id(e.id) <= stream_id(bound)]
                 if not entries:
                     break
                 after = entries[-1].id
                 await self._handle(entries)
 
-    async def _work(self, drain: bool, *, recover: bool) -> None:
-        if recover:
-            await self._finish_own_pending()
+    async def _work(self, drain: bool, *, recover_until: dict[str, str] | None) -> None:
+        if recover_until is not None:
+            await self._finish_own_pending(recover_until)
         while not self._stopping.is_set():
             try:
                 entries = await self._consumer.read_new(

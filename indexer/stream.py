@@ -116,6 +116,15 @@ class StreamConsumer:
             )
         return states
 
+    async def last_delivered_ids(self) -> dict[str, str]:
+        """Per stream, the last id the group has delivered (to any consumer)."""
+        found = {}
+        for stream in self._settings.streams:
+            groups = await self._redis.xinfo_groups(stream)
+            mine = next((g for g in groups if _text(g["name"]) == self._group), None)
+            found[stream] = _text(mine["last-delivered-id"]) if mine else "0-0"
+        return found
+
     async def _lag_from_ids(self, stream: str, last_delivered: str) -> int:
         """For when Redis cannot say: 1 if any entry follows the last delivered id, else 0.
 
@@ -126,6 +135,12 @@ class StreamConsumer:
     async def drained(self) -> bool:
         """True once the group has delivered everything and nothing is pending."""
         return all(s.lag == 0 and s.pending == 0 for s in await self.group_states())
+
+
+def stream_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a comparable (milliseconds, sequence) pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: Any) -> str:

@@ -18,13 +18,19 @@ from indexer.aggregates import Deltas
 from indexer.db import Connection
 from indexer.plugin import Op, columns, unnest_insert
 
-# Duplicates of deleted originals that are still live. Their rev-guard rows are locked, so a
-# concurrent batch deleting one of them either went first (the row is then no longer live and
-# is skipped) or waits for this one (and then deletes the promoted row).
-_CANDIDATES = (
+# Live duplicates of deleted originals: their rev-guard rows are locked first, so a concurrent
+# batch deleting or changing one of them either went first or waits for this one; then a new
+# statement reads what is true now (a row re-checked under FOR UPDATE is fresh, but the rows
+# joined to it would be read from the old snapshot).
+_LOCK_CANDIDATES = (
+    "SELECT s.uri FROM record_state s WHERE s.live AND s.uri IN "
+    '(SELECT uri FROM duplicate_record WHERE "duplicateOf" = ANY($1::varchar[])) '
+    "ORDER BY s.uri FOR UPDATE"
+)
+_FRESH_CANDIDATES = (
     'SELECT d.uri, d."duplicateOf" AS original FROM duplicate_record d '
     "JOIN record_state s ON s.uri = d.uri "
-    'WHERE d."duplicateOf" = ANY($1::varchar[]) AND s.live ORDER BY s.uri FOR UPDATE OF s'
+    'WHERE d."duplicateOf" = ANY($1::varchar[]) AND s.live ORDER BY d.uri'
 )
 _RECORDS = (
     'SELECT uri, did, cid, json, rev, "indexedAt" FROM record '
@@ -42,6 +48,12 @@ _REPOINT = (
 )
 _DROP_DUPLICATES = "DELETE FROM duplicate_record WHERE uri = ANY($1::varchar[])"
 _MAX_ROUNDS = 4
+
+
+class StaleRow(Exception):
+    """The table holds a row for this uri that the rev guard does not know as live."""
+
+    sqlstate = "23505"  # a unique violation: dead-lettered by the batch's isolation
 
 
 class ConcurrentPairChange(Exception):
@@ -79,7 +91,11 @@ class UniqueTable:
             f'WHERE ("{key[0]}", "{key[1]}") IN '
             "(SELECT * FROM unnest($1::varchar[], $2::varchar[])) ORDER BY uri FOR SHARE"
         )
-        self._delete = f'DELETE FROM "{table}" WHERE uri = ANY($1::varchar[]) RETURNING {back}'
+        self._by_uri = f'SELECT uri FROM "{table}" WHERE uri = ANY($1::varchar[])'
+        self._delete = (
+            f'DELETE FROM "{table}" WHERE uri = ANY($1::varchar[]) '
+            f'RETURNING {back}, "{key[0]}" AS _ka, "{key[1]}" AS _kb'
+        )
 
     async def insert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> Inserted:
         """Insert rows; say which went in, which conflict with an original, which to retry."""
@@ -101,7 +117,15 @@ class UniqueTable:
                 result.retry.append(row)  # its original was deleted meanwhile: try again
             elif first != row[0]:
                 result.conflicts.append((row, first))
+        if result.retry:
+            await self._check_not_stale(conn, result.retry)
         return result
+
+    async def _check_not_stale(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        """A row whose own uri is taken, by a row of another pair, would never go in."""
+        taken = await conn.fetch(self._by_uri, [row[0] for row in rows])
+        if taken:
+            raise StaleRow(f"{taken[0]['uri']} is already indexed with another subject")
 
     async def remove(self, conn: Connection, uris: list[str]) -> list[Any]:
         """Delete rows by uri; return those actually deleted."""
@@ -154,21 +178,34 @@ class UniquePlugin:
         await self.removed(conn, gone, deltas)
         await conn.execute(_DROP_DUPLICATES, uris)
         if gone:
-            await self._promote(conn, [r["uri"] for r in gone], deltas)
+            await self._promote(conn, {r["uri"]: (r["_ka"], r["_kb"]) for r in gone}, deltas)
 
-    async def _promote(self, conn: Connection, originals: list[str], deltas: Deltas) -> None:
-        """The lowest live duplicate of each deleted original takes its place."""
+    async def _promote(
+        self, conn: Connection, originals: dict[str, tuple[Any, Any]], deltas: Deltas
+    ) -> None:
+        """The lowest live duplicate of the same pair of each deleted original takes its place."""
+        keys = sorted(originals)
+        await conn.fetch(_LOCK_CANDIDATES, keys)  # lock first ...
+        cands = await conn.fetch(_FRESH_CANDIDATES, keys)  # ... then read what is now true
+        if not cands:
+            return
+        records = await conn.fetch(_RECORDS, [c["uri"] for c in cands])
+        ops = {o.uri: o for o in promoted_ops(self.collection, self.decode, records)}
+        ia, ib = self.table.key_at
         heirs: dict[str, str] = {}
-        for c in await conn.fetch(_CANDIDATES, originals):
-            if c["original"] not in heirs or c["uri"] < heirs[c["original"]]:
+        for c in cands:  # uri order
+            op = ops.get(c["uri"])
+            if op is None or c["original"] in heirs:
+                continue
+            row = self.rows([op])[0]
+            if (row[ia], row[ib]) == originals[c["original"]]:
                 heirs[c["original"]] = c["uri"]
         if not heirs:
             return
         moves = sorted(heirs.items())
         await conn.execute(_DROP_DUPLICATES, [new for _, new in moves])
         await conn.execute(_REPOINT, [old for old, _ in moves], [new for _, new in moves])
-        records = await conn.fetch(_RECORDS, [new for _, new in moves])
-        await self.insert(conn, promoted_ops(self.collection, self.decode, records), deltas)
+        await self.insert(conn, [ops[new] for _, new in moves], deltas)
 
     async def _settle(
         self, conn: Connection, conflicts: list[tuple[tuple[Any, ...], str]], deltas: Deltas

@@ -257,3 +257,38 @@ async def test_stop_past_the_grace_period_hands_the_batch_back(settings, redis, 
     assert await db.fetchval("SELECT count(*) FROM record") == 20
     assert (await redis.xpending(settings.live_stream, settings.group))["pending"] == 0
     await assert_no_drift(db)
+
+
+async def test_recovery_of_own_pending_does_not_take_up_the_other_workers_entries(
+    settings, redis, db
+):
+    from indexer.metrics import Metrics
+    from indexer.replica import Replica
+    from indexer.stream import StreamConsumer
+    from plugins import registry
+
+    events = [
+        create(n % 50, LIKE, f"l{n:05d}", like_record(uri(1, POST, f"p{n % 7}")), 10 + n)
+        for n in range(3000)
+    ]
+    await push(redis, settings.live_stream, events)
+    await StreamConsumer(settings, redis).ensure_groups()
+    # a run that crashed after reading 100 entries left them pending on this consumer
+    await redis.xreadgroup(settings.group, settings.consumer, {settings.live_stream: ">"}, 100)
+    metrics = Metrics()
+    replica = Replica(settings.replace(concurrency=4, batch_size=20), registry(), metrics)
+    await asyncio.wait_for(replica.run(drain=True), 120)
+
+    def events_total(outcome: str) -> float:
+        return (
+            metrics.registry.get_sample_value(
+                "indexer_events_total",
+                {"collection": LIKE, "operation": "create", "outcome": outcome},
+            )
+            or 0.0
+        )
+
+    assert events_total("indexed") == 3000
+    assert events_total("unchanged") == 0  # no entry was processed twice
+    assert await db.fetchval("SELECT count(*) FROM record") == 3000
+    await assert_no_drift(db)

@@ -146,3 +146,89 @@ async def test_deeply_nested_entry_is_dead_lettered_not_a_crash_loop(settings, r
     assert len(dlq) == 1
     assert b"nest" in dlq[0][1][b"reason"].lower()
     assert await db.fetchval("SELECT count(*) FROM record") == 5
+
+
+Q1 = uri(1, POST, "q1")
+
+
+async def _pairs(db: asyncpg.Connection) -> tuple[Any, ...]:
+    """(like rkey, subject rkey) rows, (duplicate, original) rows, likeCount per post rkey."""
+
+    def short(value: str) -> str:
+        return value.rsplit("/", 1)[1]
+
+    likes = sorted(
+        (short(r["uri"]), short(r["subject"]))
+        for r in await db.fetch('SELECT uri, subject FROM "like"')
+    )
+    dups = sorted(
+        (short(r["uri"]), short(r["duplicateOf"]))
+        for r in await db.fetch('SELECT uri, "duplicateOf" FROM duplicate_record')
+    )
+    counts = {
+        short(r["uri"]): r["likeCount"]
+        for r in await db.fetch('SELECT uri, "likeCount" FROM post_agg WHERE "likeCount" > 0')
+    }
+    return likes, dups, counts
+
+
+def _likes(*pairs: tuple[str, str]) -> list[Entry]:
+    return _batch(*(create(3, LIKE, k, like_record(s), n) for n, (k, s) in enumerate(pairs, 10)))
+
+
+def _move(rkey: str, subject: str, r: int) -> dict[str, Any]:
+    return create(3, LIKE, rkey, like_record(subject), r, op="update")
+
+
+async def test_a_duplicate_moved_to_another_pair_is_not_promoted(database_url, db):
+    """One batch deletes the original and moves a duplicate to another post."""
+    plain, _ = await _pipeline(database_url)
+    await plain.process(_likes(("l1", P1), ("l2", Q1), ("l5", P1), ("l7", P1)))
+    assert await _pairs(db) == (
+        [("l1", "p1"), ("l2", "q1")], [("l5", "l1"), ("l7", "l1")], {"p1": 1, "q1": 1}
+    )  # fmt: skip
+    await plain.process(_batch(delete(3, LIKE, "l1", 20), _move("l5", Q1, 21)))
+    assert await _pairs(db) == ([("l2", "q1"), ("l7", "p1")], [("l5", "l2")], {"p1": 1, "q1": 1})
+    await assert_no_drift(db)
+
+
+async def test_a_moved_duplicate_sorting_first_takes_its_new_pair(database_url, db):
+    plain, _ = await _pipeline(database_url)
+    await plain.process(_likes(("l1", P1), ("l5", P1), ("l7", P1), ("l9", Q1)))
+    await plain.process(_batch(delete(3, LIKE, "l1", 20), _move("l5", Q1, 21)))
+    assert await _pairs(db) == ([("l5", "q1"), ("l7", "p1")], [("l9", "l5")], {"p1": 1, "q1": 1})
+    await plain.process(_batch(delete(3, LIKE, "l5", 30)))
+    assert await _pairs(db) == ([("l7", "p1"), ("l9", "q1")], [], {"p1": 1, "q1": 1})
+    await assert_no_drift(db)
+
+
+async def test_promotion_waits_for_a_concurrent_move_of_the_heir(database_url, db):
+    """B moves duplicate l5 to another post and holds its commit; A deletes the original l1."""
+    plain, _ = await _pipeline(database_url)
+    await plain.process(_likes(("l1", P1), ("l2", Q1), ("l5", P1), ("l7", P1)))
+    held, gate = await _pipeline(database_url, hold_commit=True)
+    b = asyncio.create_task(held.process(_batch(_move("l5", Q1, 21))))
+    await gate.before_commit.wait()
+    a = asyncio.create_task(plain.process(_batch(delete(3, LIKE, "l1", 20))))
+    await asyncio.sleep(0.3)  # A has deleted l1 and waits on l5's rev-guard row
+    gate.release.set()
+    await asyncio.gather(a, b)
+    assert await _pairs(db) == ([("l2", "q1"), ("l7", "p1")], [("l5", "l2")], {"p1": 1, "q1": 1})
+    await assert_no_drift(db)
+
+
+async def test_a_row_left_behind_under_another_pair_is_dead_lettered_not_retried_forever(
+    database_url, db
+):
+    """Rows written outside the indexer (no rev-guard state) cannot wedge a batch."""
+    plain, _ = await _pipeline(database_url)
+    await db.execute(
+        'INSERT INTO "like" (uri, cid, creator, subject, "subjectCid", "createdAt", "indexedAt") '
+        "VALUES ($1, 'c', $2, $3, 'c', 't', 't')",
+        uri(3, LIKE, "l1"), "did:plc:user0003", Q1,
+    )  # fmt: skip
+    outcome = await plain.process(_likes(("l1", P1), ("l2", P1)))
+    assert [reason for _, reason in outcome.dead] == [
+        f"database rejected: {uri(3, LIKE, 'l1')} is already indexed with another subject"
+    ]
+    assert await _pairs(db) == ([("l1", "q1"), ("l2", "p1")], [], {"p1": 1})
