@@ -67,6 +67,20 @@ async def _reference_state(settings, path: Path, env: dict[str, str]) -> dict[st
         await admin.close()
 
 
+async def _replica_under_way(
+    db, env: dict[str, str], path: Path, consumer: str, *, rows: int
+) -> tuple[Path, subprocess.Popen[bytes]]:
+    """Ingest a file, start `indexer run`, and return once it has written `rows` records."""
+    subprocess.run(_indexer("ingest", "file", str(path)), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(_indexer("run", "--consumer", consumer), env=env,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while await db.fetchval("SELECT count(*) FROM record") < rows:
+        assert time.monotonic() < deadline and proc.poll() is None
+        await asyncio.sleep(0.02)
+    return path, proc
+
+
 def _sample(tmp_path: Path, n: int) -> Path:
     path = tmp_path / "events.jsonl"
     write_jsonl(path, n, seed=7)
@@ -119,14 +133,8 @@ async def test_two_replica_processes_drain_the_stream(settings, redis, db, tmp_p
 
 
 async def test_sigterm_finishes_the_batch_in_hand_and_exits_0(settings, redis, db, tmp_path):
-    path = _sample(tmp_path, 6000)
     env = _env(settings) | {"INDEXER_BATCH_SIZE": "100"}
-    subprocess.run(_indexer("ingest", "file", str(path)), env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(_indexer("run", "--consumer", "term"), env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while await db.fetchval("SELECT count(*) FROM record") < 500:
-        assert time.monotonic() < deadline and proc.poll() is None
-        await asyncio.sleep(0.05)
+    _, proc = await _replica_under_way(db, env, _sample(tmp_path, 6000), "term", rows=500)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()[-2000:]
@@ -192,16 +200,10 @@ def test_run_against_an_unmigrated_database_says_so(settings, postgres_server):
 async def test_kill_9_mid_run_then_restart_loses_and_doubles_nothing(settings, redis, db, tmp_path):
     """ACK only after COMMIT: a replica killed mid-batch leaves its batch pending, and the same
     consumer, restarted, indexes it; replayed entries are absorbed by the rev guard."""
-    path = _sample(tmp_path, 6000)
     env = _env(settings) | {"INDEXER_BATCH_SIZE": "100"}
-    subprocess.run(_indexer("ingest", "file", str(path)), env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(_indexer("run", "--consumer", "k"), env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while await db.fetchval("SELECT count(*) FROM record") < 1500:
-        assert time.monotonic() < deadline and proc.poll() is None
-        await asyncio.sleep(0.02)
+    path, proc = await _replica_under_way(db, env, _sample(tmp_path, 6000), "k", rows=1500)
     proc.kill()
-    proc.wait(timeout=10)
+    proc.communicate(timeout=10)
     pending = (await redis.xpending(settings.live_stream, settings.group))["pending"]
     assert pending > 0  # killed with batches read but not ACKed
     again = subprocess.run(
