@@ -102,7 +102,8 @@ class Replica:
 
     async def _finish_own_pending(self, bounds: dict[str, str]) -> None:
         """Entries this consumer read before a restart but never ACKed are handled first."""
-        for stream, bound in bounds.items():
+        for stream, last in bounds.items():
+            bound = stream_id(last)
             after = "0"
             while not self._stopping.is_set():
                 try:
@@ -113,7 +114,7 @@ class Replica:
                     log.warning("redis unavailable while recovering (%s); retrying in 1s", exc)
                     await asyncio.sleep(1.0)
                     continue
-                entries = [e for e in entries if stream_id(e.id) <= stream_id(bound)]
+                entries = [e for e in entries if stream_id(e.id) <= bound]
                 if not entries:
                     break
                 after = entries[-1].id

@@ -103,8 +103,7 @@ class StreamConsumer:
         states = []
         for stream in self._settings.streams:
             length = await self._redis.xlen(stream)
-            groups = await self._redis.xinfo_groups(stream)
-            mine = next((g for g in groups if _text(g["name"]) == self._group), None)
+            mine = await self._group_info(stream)
             if mine is None:
                 states.append(GroupState(stream, length, length, 0, 0))
                 continue
@@ -120,10 +119,14 @@ class StreamConsumer:
         """Per stream, the last id the group has delivered (to any consumer)."""
         found = {}
         for stream in self._settings.streams:
-            groups = await self._redis.xinfo_groups(stream)
-            mine = next((g for g in groups if _text(g["name"]) == self._group), None)
+            mine = await self._group_info(stream)
             found[stream] = _text(mine["last-delivered-id"]) if mine else "0-0"
         return found
+
+    async def _group_info(self, stream: str) -> dict[Any, Any] | None:
+        """Our group's entry in XINFO GROUPS of a stream, or None if it has no such group."""
+        groups = await self._redis.xinfo_groups(stream)
+        return next((g for g in groups if _text(g["name"]) == self._group), None)
 
     async def _lag_from_ids(self, stream: str, last_delivered: str) -> int:
         """For when Redis cannot say: 1 if any entry follows the last delivered id, else 0.

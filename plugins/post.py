@@ -12,6 +12,7 @@ from indexer.db import Connection
 from indexer.events import StrongRef
 from indexer.normalize import clean_text, normalize_datetime
 from indexer.plugin import Op, columns, sort_at, unnest_insert
+from plugins import _feed_item as feed_item
 
 
 class ReplyRef(msgspec.Struct):
@@ -56,17 +57,10 @@ _INSERT_QUOTE = unnest_insert(
     ("varchar",) * 6,
     "ON CONFLICT (uri) DO NOTHING RETURNING subject",
 )
-_INSERT_FEED_ITEM = unnest_insert(
-    "feed_item",
-    ("uri", "cid", "type", "postUri", "originatorDid", "sortAt"),
-    ("varchar",) * 6,
-    "ON CONFLICT (uri) DO NOTHING",
-)
 _DELETE_POST = (
     'DELETE FROM post WHERE uri = ANY($1::varchar[]) RETURNING uri, creator, "replyParent"'
 )
 _DELETE_QUOTE = "DELETE FROM quote WHERE uri = ANY($1::varchar[]) RETURNING subject"
-_DELETE_FEED_ITEM = "DELETE FROM feed_item WHERE uri = ANY($1::varchar[])"
 
 
 def quoted(embed: dict[str, Any] | None) -> StrongRef | None:
@@ -141,8 +135,7 @@ class PostPlugin:
             subject = quoted(by_uri[uri].record.embed)
             if subject is not None:
                 quotes.append((uri, cid, subject.uri, subject.cid, created, indexed))
-        if items:
-            await conn.execute(_INSERT_FEED_ITEM, *columns(items, 6))
+        await feed_item.add(conn, items)
         if quotes:
             for q in await conn.fetch(_INSERT_QUOTE, *columns(quotes, 6)):
                 deltas.post(q["subject"], "quoteCount", 1)
@@ -159,4 +152,4 @@ class PostPlugin:
                 deltas.post(rec["replyParent"], "replyCount", -1)
         for rec in await conn.fetch(_DELETE_QUOTE, uris):
             deltas.post(rec["subject"], "quoteCount", -1)
-        await conn.execute(_DELETE_FEED_ITEM, uris)
+        await feed_item.remove(conn, uris)

@@ -9,7 +9,8 @@ import msgspec
 from indexer.aggregates import Deltas
 from indexer.db import Connection
 from indexer.events import StrongRef
-from indexer.plugin import Op, columns, sort_at, unnest_insert
+from indexer.plugin import Op, sort_at
+from plugins import _feed_item as feed_item
 from plugins._unique import UniquePlugin, UniqueTable
 from plugins.like import SUBJECT_COLUMNS, subject_rows
 
@@ -18,13 +19,6 @@ class RepostRecord(msgspec.Struct):
     subject: StrongRef
     createdAt: Any = None
     via: StrongRef | None = None
-
-
-_FEED_ITEM = unnest_insert(
-    "feed_item", ("uri", "cid", "type", "postUri", "originatorDid", "sortAt"), ("varchar",) * 6,
-    "ON CONFLICT (uri) DO NOTHING",
-)  # fmt: skip
-_DELETE_FEED_ITEM = "DELETE FROM feed_item WHERE uri = ANY($1::varchar[])"
 
 
 class RepostPlugin(UniquePlugin):
@@ -48,10 +42,8 @@ class RepostPlugin(UniquePlugin):
              sort_at(r["createdAt"], r["indexedAt"]))
             for r in rows
         ]  # fmt: skip
-        if items:
-            await conn.execute(_FEED_ITEM, *columns(items, 6))
+        await feed_item.add(conn, items)
 
     async def removed(self, conn: Connection, rows: list[Any], deltas: Deltas) -> None:
         await super().removed(conn, rows, deltas)
-        if rows:
-            await conn.execute(_DELETE_FEED_ITEM, [r["uri"] for r in rows])
+        await feed_item.remove(conn, [r["uri"] for r in rows])

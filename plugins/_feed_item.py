@@ -1,0 +1,24 @@
+"""`feed_item`: the author-feed entries that posts and reposts both write."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from indexer.db import Connection
+from indexer.plugin import columns, unnest_insert
+
+COLUMNS = ("uri", "cid", "type", "postUri", "originatorDid", "sortAt")
+_INSERT = unnest_insert("feed_item", COLUMNS, ("varchar",) * 6, "ON CONFLICT (uri) DO NOTHING")
+_DELETE = "DELETE FROM feed_item WHERE uri = ANY($1::varchar[])"
+
+
+async def add(conn: Connection, items: list[tuple[Any, ...]]) -> None:
+    """Insert rows of COLUMNS (already present ones are kept)."""
+    if items:
+        await conn.execute(_INSERT, *columns(items, len(COLUMNS)))
+
+
+async def remove(conn: Connection, uris: list[str]) -> None:
+    """Delete the feed items of these records."""
+    if uris:
+        await conn.execute(_DELETE, uris)
