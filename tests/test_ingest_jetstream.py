@@ -1,0 +1,323 @@
+"""`indexer ingest jetstream` against a fake Jetstream on loopback (never the public network)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from indexer.config import ConfigError, load_settings
+from indexer.constants import cursor_key
+from indexer.jetstream import JetstreamSource
+from tests.fake_jetstream import GARBAGE_BINARY, GARBAGE_TEXT, FakeJetstream
+from tests.ingest_helpers import (
+    cli_env,
+    envelopes_of,
+    ingest_settings,
+    running,
+    sample,
+    start_cli,
+    stream_entries,
+    until,
+    workload,
+)
+
+
+@pytest.fixture
+async def client(redis_server):
+    redis = aioredis.Redis.from_url(redis_server.url)
+    yield redis
+    await redis.aclose()
+
+
+def _length(client, stream, n):
+    async def check() -> bool:
+        return await client.xlen(stream) >= n
+
+    return check
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["json", "zstd"])
+async def test_every_event_reaches_the_stream_with_its_cursor(redis_server, client, compress):
+    events = workload(3000)
+    settings = ingest_settings(redis_server.url, jetstream_compress=compress)
+    async with FakeJetstream(events) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source) as (ingester, metrics):
+            await until(_length(client, settings.live_stream, 3000), what="3000 entries")
+            assert sample(metrics, "ingester_connected", source="jetstream") == 1
+        assert sample(metrics, "ingester_connected", source="jetstream") == 0
+        assert fake.queries[0]["wantedCollections"] == ["app.bsky.*"]
+        assert fake.queries[0].get("compress") == (["true"] if compress else None)
+        assert "cursor" not in fake.queries[0]  # nothing saved: live
+    assert await stream_entries(client, settings.live_stream) == envelopes_of(events)
+    host = fake.url.split("/")[2]
+    assert int(await client.get(cursor_key(settings.live_stream, host))) == events[-1]["time_us"]
+    kinds = {e["commit"]["operation"] if e["kind"] == "commit" else e["kind"] for e in events}
+    added = {k: sample(metrics, "ingester_events_total", source="jetstream", kind=k) for k in kinds}
+    assert sum(added.values()) == 3000 == ingester.added
+    assert added["create"] > 2000 and added["delete"] > 100
+    assert sample(metrics, "ingester_backpressure") == 0
+    assert sample(metrics, "ingester_cursor_lag_seconds") > 0  # the workload's events are old
+
+
+async def test_restart_resumes_from_the_saved_cursor_rewound_without_duplicates(
+    redis_server, client
+):
+    events = workload(4000)
+    settings = ingest_settings(redis_server.url, jetstream_rewind_s=0.5)
+    async with FakeJetstream(events, stall_after=1500, faulty_connections=1) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source) as (first, _):
+            await until(_length(client, settings.live_stream, 1500), what="the first 1500")
+        assert first.saved is not None and first.saved.cursor == events[1499]["time_us"]
+        async with running(settings, source) as (_, metrics):
+            await until(_length(client, settings.live_stream, 4000), what="the rest")
+    assert fake.cursors == [None, events[1499]["time_us"] - 500_000]
+    assert await stream_entries(client, settings.live_stream) == envelopes_of(events)
+    # the rewind replayed about half a second of events; all were recognized and skipped
+    replayed = sum(1 for e in events[:1500] if e["time_us"] >= fake.cursors[1])
+    assert sample(metrics, "ingester_skipped_total", source="jetstream", reason="duplicate") == (
+        replayed
+    )
+    assert replayed > 100
+
+
+async def test_drops_stalls_and_garbage_are_survived_and_counted(redis_server, client):
+    events = workload(3000)
+    gap = next(i for i in range(2000, 3000) if events[i + 1]["time_us"] - events[i]["time_us"] > 1)
+    unknown = {"did": "did:plc:unknown", "time_us": events[gap]["time_us"] + 1, "kind": "new"}
+    events.insert(gap + 1, unknown)
+    settings = ingest_settings(
+        redis_server.url, ingester_stall_timeout_s=0.5, jetstream_rewind_s=0.1
+    )
+    garbage = {100: GARBAGE_TEXT, 700: GARBAGE_BINARY, 1200: "\x00not json either"}
+    schedule = [("drop", 400), ("drop", 400), ("stall", 400), ("stall", 400)]
+    async with FakeJetstream(events, schedule=schedule, garbage_at=garbage) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source) as (_, metrics):
+            await until(_length(client, settings.live_stream, 3000), what="all")
+    assert await stream_entries(client, settings.live_stream) == envelopes_of(
+        [e for e in events if e is not unknown]
+    )
+    skipped = {
+        reason: sample(metrics, "ingester_skipped_total", source="jetstream", reason=reason)
+        for reason in ("bad_frame", "unknown")
+    }
+    assert skipped == {"bad_frame": 3, "unknown": 1}
+    closed = sample(metrics, "ingester_disconnects_total", source="jetstream", reason="closed")
+    stalled = sample(metrics, "ingester_disconnects_total", source="jetstream", reason="stalled")
+    assert closed == 2 and stalled >= 2
+    assert fake.connections >= 5
+
+
+async def test_fails_over_to_the_next_url(redis_server, client):
+    events = workload(2000)
+    settings = ingest_settings(redis_server.url)
+    async with FakeJetstream(events) as fake:
+        dead = "ws://127.0.0.1:1/subscribe"
+        source = JetstreamSource(settings.replace(jetstream_urls=(dead, fake.url)))
+        async with running(settings, source) as (_, metrics):
+            await until(_length(client, settings.live_stream, 2000), what="all from the 2nd")
+    assert await stream_entries(client, settings.live_stream) == envelopes_of(events)
+    refused = sample(
+        metrics, "ingester_disconnects_total", source="jetstream", reason="unreachable"
+    )
+    assert refused == 1
+
+
+async def test_another_host_after_a_failure_gets_its_overlap_written(redis_server, client):
+    """Another instance stamps its own times: its rewind overlap is written, not skipped."""
+    events = workload(3000)
+    settings = ingest_settings(redis_server.url, jetstream_rewind_s=0.2)
+    async with FakeJetstream(events) as second, FakeJetstream(events, drop_after=1000) as first:
+        source = JetstreamSource(settings.replace(jetstream_urls=(first.url, second.url)))
+        async with running(settings, source):
+            await until(_length(client, settings.live_stream, 1000), what="the first host")
+            await first.stop()
+            await until(
+                lambda: _has_all(client, settings.live_stream, envelopes_of(events)),
+                what="the second host",
+            )
+    entries = await stream_entries(client, settings.live_stream)
+    overlap = len(entries) - len(events)
+    assert 0 < overlap == sum(1 for e in events[:1000] if e["time_us"] >= second.cursors[0])
+    assert sorted(set(entries)) == sorted(set(envelopes_of(events)))
+
+
+async def _has_all(client, stream, expected) -> bool:
+    return set(await stream_entries(client, stream)) >= set(expected)
+
+
+async def test_v2_messages_carry_a_sequence_cursor(redis_server, client):
+    events = workload(1000)
+    settings = ingest_settings(redis_server.url)
+    async with FakeJetstream(events, version=2, stall_after=600, faulty_connections=1) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source):
+            await until(_length(client, settings.live_stream, 600), what="600")
+        async with running(settings, source):
+            await until(_length(client, settings.live_stream, 1000), what="the rest")
+    assert fake.cursors == [None, 600]  # a sequence resumes where it was: no rewind
+    entries = [msgspec.json.decode(e) for e in await stream_entries(client, settings.live_stream)]
+    assert [e["seq"] for e in entries] == list(range(1, 1001))
+
+
+def test_decoding_filters_counts_and_bounds(redis_server):
+    settings = ingest_settings(redis_server.url, ingester_collections=("app.bsky.feed.like",))
+    source = JetstreamSource(settings)
+    creates = {
+        e["commit"]["collection"]: e
+        for e in workload(300)
+        if e["kind"] == "commit" and e["commit"]["operation"] == "create"
+    }
+    like, follow = creates["app.bsky.feed.like"], creates["app.bsky.graph.follow"]
+    kept = source.decode(msgspec.json.encode(like))
+    assert kept.cursor == like["time_us"] and [k for k, _ in kept.envelopes] == ["create"]
+    dropped = source.decode(msgspec.json.encode(follow))
+    assert dropped.envelopes == [] and dropped.skipped == ("filtered",)
+    assert dropped.cursor == follow["time_us"]  # the cursor moves past filtered events
+    url = source.subscribe_url("wss://js.example/subscribe?x=1", 1_732_000_005_000_000)
+    assert url == (
+        "wss://js.example/subscribe?x=1&wantedCollections=app.bsky.feed.like&compress=true"
+        "&cursor=1732000004500000"  # rewound by half a second
+    )
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_backpressure_blocks_at_the_high_water_mark_and_releases(redis_server, client):
+    events = workload(20_000)
+    settings = ingest_settings(
+        redis_server.url, high_water_mark=500, low_water_mark=250, ingester_queue_size=50
+    )
+    stream, group = settings.live_stream, settings.group
+    await client.xgroup_create(stream, group, id="0", mkstream=True)
+    # paced, so that the server is still sending when it sheds its slow consumer
+    async with FakeJetstream(events, rate=10_000) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source) as (ingester, metrics):
+
+            async def paused() -> bool:
+                return sample(metrics, "ingester_backpressure") == 1
+
+            await until(paused, what="backpressure")
+            await asyncio.sleep(0.3)
+            length, rss, received = await client.xlen(stream), _rss_bytes(), ingester.received
+            await asyncio.sleep(1.0)
+            # blocked: nothing added, the socket unread, the queue full and no bigger
+            assert await client.xlen(stream) == length
+            assert 500 <= length <= 550  # a batch overshoots by a tenth of the mark at most
+            assert ingester.received == received < len(events)
+            assert ingester.queued == 50
+            assert sample(metrics, "ingester_stream_backlog") == length  # nothing ACKed yet
+            assert sample(metrics, "ingester_queue_size") == 50
+            assert _rss_bytes() - rss < 8 * 2**20
+            fake.disconnect_all()  # the server sheds its slow consumer meanwhile
+            assert fake.sent < len(events)
+            acked = await _consume(client, stream, group, len(events))
+            assert sample(metrics, "ingester_backpressure") == 0
+    assert acked == len(events)
+    assert fake.connections >= 2  # it came back from its cursor
+    assert await stream_entries(client, stream) == envelopes_of(events)  # none lost, none twice
+
+
+async def _consume(client, stream, group, total: int) -> int:
+    """Read and ACK as a replica would, until `total` entries were ACKed."""
+    acked = 0
+    deadline = time.monotonic() + 30
+    while acked < total:
+        assert time.monotonic() < deadline, f"only {acked} of {total} entries came"
+        reply = await client.xreadgroup(group, "c", {stream: ">"}, count=100, block=100)
+        ids = [entry_id for _, entries in reply or [] for entry_id, _ in entries]
+        if ids:
+            await client.xack(stream, group, *ids)
+            acked += len(ids)
+    return acked
+
+
+async def test_kill_9_while_streaming_loses_nothing_and_repeats_nothing(redis_server, client):
+    """The real CLI killed four times mid-stream: the saved cursor always matches the last entry,
+    and the stream ends with every event exactly once."""
+    events = workload(30_000)
+    settings = ingest_settings(redis_server.url)
+    stream = settings.live_stream
+    async with FakeJetstream(events) as fake:
+        env = cli_env(settings, JETSTREAM_URL=fake.url)
+        key = cursor_key(stream, fake.url.split("/")[2])
+        for _ in range(4):
+            before = await client.xlen(stream)
+            proc = await start_cli(env, "jetstream")
+            await until(_length(client, stream, before + 2000), what="progress")
+            proc.kill()
+            await proc.wait()
+            last = msgspec.json.decode((await client.xrevrange(stream, count=1))[0][1][b"event"])
+            assert int(await client.get(key)) == last["seq"]  # never ahead, never behind
+            assert await client.xlen(stream) < len(events)  # killed mid-stream
+        proc = await start_cli(env, "jetstream")
+        await until(_length(client, stream, len(events)), what="all events")
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.decode().startswith("added ") and f"cursor {events[-1]['time_us']} saved" in (
+        out.decode()
+    )
+    assert fake.connections == 5
+    assert await stream_entries(client, stream) == envelopes_of(events)
+
+
+async def test_unreachable_server_is_one_line_and_exit_1(redis_server):
+    settings = ingest_settings(redis_server.url)
+    proc = await start_cli(
+        cli_env(settings, JETSTREAM_URL="ws://127.0.0.1:1/subscribe"), "jetstream"
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert lines[-1].startswith("error: cannot reach jetstream at ws://127.0.0.1:1/subscribe: ")
+    assert "Traceback" not in err.decode()
+
+
+def test_settings_of_the_ingesters():
+    settings = load_settings({"INGESTER_HIGH_WATER_MARK": "1000", "JETSTREAM_COMPRESS": "off"})
+    assert (settings.low_water_mark_resolved, settings.jetstream_compress) == (800, False)
+    assert load_settings({"INGESTER_COLLECTIONS": "a.b.*, c.d"}).ingester_collections == (
+        "a.b.*", "c.d",
+    )  # fmt: skip
+    for env, message in (
+        ({"INGESTER_QUEUE_SIZE": "0"}, "INGESTER_QUEUE_SIZE must be at least 1, got 0"),
+        ({"INGESTER_LOW_WATER_MARK": "2000000"}, "INGESTER_LOW_WATER_MARK must be between"),
+        ({"JETSTREAM_COMPRESS": "maybe"}, "JETSTREAM_COMPRESS has an invalid value: 'maybe'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_settings(env)
+
+
+async def test_health_turns_503_when_the_source_goes_silent(redis_server, client):
+    """The socket stays open while nothing arrives: /health says so, with the seconds."""
+    from indexer.health import serving
+    from tests.observe import free_port, get
+
+    events = workload(300)
+    settings = ingest_settings(redis_server.url, stall_after_s=0.5, ingester_stall_timeout_s=30)
+    async with FakeJetstream(events, stall_after=300) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source) as (ingester, metrics):
+            port = free_port()
+            async with serving(metrics.registry, ingester.health, port):
+                await until(_length(client, settings.live_stream, 300), what="300 entries")
+                assert await get(port, "/ready") == (200, "ready\n")
+                assert (await get(port, "/health"))[0] == 200
+                await asyncio.sleep(0.8)  # the fake keeps the socket open and sends nothing
+                status, body = await get(port, "/health")
+                assert status == 503
+                assert body.startswith("no progress for ")
+                assert float(body.split()[3]) >= 0.5
