@@ -35,13 +35,35 @@ class Settings:
     block_ms: int = c.DEFAULT_BLOCK_MS
     acquire_timeout_s: float = c.DEFAULT_ACQUIRE_TIMEOUT_S
     shutdown_grace_s: float = c.DEFAULT_SHUTDOWN_GRACE_S
+    claim_idle_s: float = c.DEFAULT_CLAIM_IDLE_S
+    max_deliveries: int = c.DEFAULT_MAX_DELIVERIES
+    trim_interval_s: float = c.DEFAULT_TRIM_INTERVAL_S
+    consumer_idle_s: float = c.DEFAULT_CONSUMER_IDLE_S
+    startup_timeout_s: float = c.DEFAULT_STARTUP_TIMEOUT_S
+    # Health and observation (issue 5).
+    stall_after_s: float = c.DEFAULT_STALL_AFTER_S
+    stats_interval_s: float = c.DEFAULT_STATS_INTERVAL_S
+    # Ingesters (issue 4).
+    low_water_mark: int | None = None  # None: LOW_WATER_SHARE of the high-water mark
+    ingester_stall_timeout_s: float = c.DEFAULT_INGESTER_STALL_TIMEOUT_S
+    jetstream_rewind_s: float = c.DEFAULT_JETSTREAM_REWIND_S
+    ingester_collections: tuple[str, ...] = c.DEFAULT_INGESTER_COLLECTIONS
+    ingester_queue_size: int = c.DEFAULT_INGESTER_QUEUE_SIZE
+    ingester_backoff_s: float = c.DEFAULT_INGESTER_BACKOFF_S
+    jetstream_compress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "concurrency", "db_pool_size"):
+        for name in ("batch_size", "concurrency", "db_pool_size", "max_deliveries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"METRICS_PORT must be 0..65535, got {self.metrics_port}")
+        if self.claim_idle_s <= 0:
+            raise ConfigError(f"INDEXER_CLAIM_IDLE_S must be positive, got {self.claim_idle_s}")
+        for var, value in (("INDEXER_STALL_AFTER_S", self.stall_after_s),
+                           ("INDEXER_STATS_INTERVAL_S", self.stats_interval_s)):  # fmt: skip
+            if value <= 0:
+                raise ConfigError(f"{var} must be positive, got {value}")
         if not self.streams:
             raise ConfigError("INDEXER_STREAMS must name at least one stream")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -50,6 +72,15 @@ class Settings:
             )
         if urlsplit(self.database_url).scheme not in ("postgresql", "postgres"):
             raise ConfigError(f"DATABASE_URL must be postgresql://: {mask_url(self.database_url)}")
+        if self.ingester_queue_size < 1:
+            raise ConfigError(
+                f"INGESTER_QUEUE_SIZE must be at least 1, got {self.ingester_queue_size}"
+            )
+        if not 0 < self.low_water_mark_resolved <= self.high_water_mark:
+            raise ConfigError(
+                "INGESTER_LOW_WATER_MARK must be between 1 and INGESTER_HIGH_WATER_MARK, "
+                f"got {self.low_water_mark}"
+            )
 
     def __repr__(self) -> str:
         """Every field, with passwords in URLs masked (settings may end up in a log line)."""
@@ -64,6 +95,13 @@ class Settings:
     @property
     def live_stream(self) -> str:
         return self.streams[0]
+
+    @property
+    def low_water_mark_resolved(self) -> int:
+        """The backlog below which a paused ingester reads its socket again."""
+        if self.low_water_mark is not None:
+            return self.low_water_mark
+        return max(1, int(self.high_water_mark * c.LOW_WATER_SHARE))
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (flags override the environment)."""
@@ -88,6 +126,20 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "INDEXER_BLOCK_MS": ("block_ms", int),
     "DB_ACQUIRE_TIMEOUT_S": ("acquire_timeout_s", float),
     "INDEXER_SHUTDOWN_GRACE_S": ("shutdown_grace_s", float),
+    "INDEXER_CLAIM_IDLE_S": ("claim_idle_s", float),
+    "INDEXER_MAX_DELIVERIES": ("max_deliveries", int),
+    "INDEXER_TRIM_INTERVAL_S": ("trim_interval_s", float),
+    "INDEXER_CONSUMER_IDLE_S": ("consumer_idle_s", float),
+    "INDEXER_STARTUP_TIMEOUT_S": ("startup_timeout_s", float),
+    "INDEXER_STALL_AFTER_S": ("stall_after_s", float),
+    "INDEXER_STATS_INTERVAL_S": ("stats_interval_s", float),
+    "INGESTER_LOW_WATER_MARK": ("low_water_mark", int),
+    "INGESTER_STALL_TIMEOUT_S": ("ingester_stall_timeout_s", float),
+    "JETSTREAM_REWIND_S": ("jetstream_rewind_s", float),
+    "INGESTER_COLLECTIONS": ("ingester_collections", lambda v: _split(v)),
+    "INGESTER_QUEUE_SIZE": ("ingester_queue_size", int),
+    "INGESTER_BACKOFF_S": ("ingester_backoff_s", float),
+    "JETSTREAM_COMPRESS": ("jetstream_compress", lambda v: _flag(v)),
 }
 
 ENVIRONMENT_VARIABLES = tuple(_ENV)
@@ -95,6 +147,14 @@ ENVIRONMENT_VARIABLES = tuple(_ENV)
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -41,18 +42,29 @@ def is_unavailable(exc: BaseException) -> bool:
         return True
     if type(exc) is asyncpg.InterfaceError:  # "connection is closed"; not its subclasses
         return True
+    if isinstance(exc, asyncpg.InternalClientError):  # a connection left mid-operation by a
+        return True  # server that went away ("cannot switch to state ..."); a fresh one works
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
-        return state[:2] in ("08", "57", "53")
+        # 08 connection, 57 shutdown/admin, 53 resources; 25006: a read-only server (a standby
+        # during failover) refuses writes until the new primary takes over.
+        return state[:2] in ("08", "57", "53") or state == "25006"
     return False
 
 
 class Database:
-    """A pool whose acquisitions are bounded in number and time."""
+    """A pool whose acquisitions are bounded in number and time.
 
-    def __init__(self, settings: Settings) -> None:
+    asyncpg does not say how many tasks wait for a connection, so `waiting` and `in_use` are
+    counted here, around `acquire`; `observe_acquire` is told how long each acquire waited.
+    """
+
+    def __init__(
+        self, settings: Settings, observe_acquire: Callable[[float], None] | None = None
+    ) -> None:
         self._settings = settings
         self._pool: Any = None
+        self._observe_acquire = observe_acquire
         self.waiting = 0
         self.in_use = 0
 
@@ -75,6 +87,10 @@ class Database:
             self._pool = None
 
     @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    @property
     def size(self) -> int:
         return self._settings.db_pool_size
 
@@ -82,13 +98,22 @@ class Database:
     async def connection(self) -> AsyncIterator[Connection]:
         """A pooled connection; waits at most `acquire_timeout_s` for one."""
         self.waiting += 1
+        started = time.monotonic()
         try:
             conn = await self._pool.acquire(timeout=self._settings.acquire_timeout_s)
         finally:
             self.waiting -= 1
+            if self._observe_acquire is not None:
+                self._observe_acquire(time.monotonic() - started)
         self.in_use += 1
         try:
             yield conn
+        except BaseException as exc:
+            if is_unavailable(exc) or isinstance(exc, asyncpg.InternalClientError):
+                # The server went away mid-operation: never hand this connection out again
+                # (its protocol state may be mid-query); the pool opens a fresh one.
+                conn.terminate()
+            raise
         finally:
             self.in_use -= 1
             await self._pool.release(conn)

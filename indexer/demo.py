@@ -81,6 +81,7 @@ async def _report(redis_url: str, dsn: str, seconds: float) -> dict[str, Any]:
         )
         return {
             "seconds": seconds,
+            "events": int(groups[0]["entries-read"] or 0),  # the stream itself is trimmed
             "stream_length": stream_length,
             "group": groups[0],
             "dlq": await client.xlen("firehose_live:dlq"),
@@ -107,11 +108,12 @@ def _print(report: dict[str, Any]) -> None:
     for r in report["hot_people"]:
         people.add_row(r["did"], *(str(v) for v in list(r.values())[1:]))
     console.print(people)
-    group, n, s = report["group"], report["stream_length"], report["seconds"]
+    group, n, s = report["group"], report["events"], report["seconds"]
     drifted = sum(report["drift"].values())
     console.print(
         f"[bold]lag[/]: {group['lag']} entries not yet delivered, {group['pending']} pending, "
-        f"{report['dlq']} dead-lettered\n"
+        f"{report['dlq']} dead-lettered; the stream holds {report['stream_length']:,} entries "
+        "(trimmed below what the group has ACKed)\n"
         f"[bold]throughput[/]: {n:,} events in {s:.1f}s = {n / s:,.0f} events/s "
         f"(two replicas, this machine, including process start-up)\n"
         f"[bold]counters[/]: {'exact (drift 0)' if drifted == 0 else f'{drifted} keys drifted'}"

@@ -185,10 +185,13 @@ def _account_kwargs(account: pwd.struct_passwd | None) -> dict[str, Any]:
 
 
 class RedisServer:
-    """A redis-server without persistence, on a port that stays the same across restarts."""
+    """A redis-server on a port that stays the same across restarts; without persistence
+    unless `options` say otherwise (they are passed as `--name value` and may be changed
+    between restarts, e.g. `{"appendonly": "yes", "appendfsync": "always"}`)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, options: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
+        self.options = dict(options or {})
         self._port = free_port()
         self._process = _Process("redis-server", self.workdir / "redis.log")
 
@@ -200,8 +203,9 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{HOST}:{self._port}/0"
 
-    def start(self) -> None:
-        """Start the server and wait until it answers PING."""
+    def start(self, *, loaded: bool = True) -> None:
+        """Start the server and wait until it answers PING (with `loaded=False`, until it
+        answers at all, even if only `LOADING` while it reads its data)."""
         if self._process.alive:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -212,14 +216,17 @@ class RedisServer:
             "appendonly": "no",
             "dir": str(self.workdir),
             "daemonize": "no",
-        }
+        } | self.options
         argv = [find_binary("redis-server")]
         for key, value in options.items():
             argv += [f"--{key}", value]
         self._process.spawn(argv, account=None, cwd=self.workdir)
+        answers = (b"+PONG",) if loaded else (b"+PONG", b"-LOADING")
         try:
             self._process.wait_until(
-                self._answers_ping, REDIS_READY_TIMEOUT_S, f"answer PING on {HOST}:{self._port}"
+                lambda: self._answers_ping(answers),
+                REDIS_READY_TIMEOUT_S,
+                f"answer PING on {HOST}:{self._port}",
             )
         except BaseException:
             self.kill()
@@ -238,11 +245,11 @@ class RedisServer:
         self.stop()
         self.start()
 
-    def _answers_ping(self) -> bool:
+    def _answers_ping(self, answers: tuple[bytes, ...]) -> bool:
         try:
             with socket.create_connection((HOST, self._port), timeout=1.0) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                return sock.recv(64).startswith(answers)
         except OSError:
             return False
 
@@ -294,6 +301,10 @@ class PostgresServer:
     def stop(self) -> None:
         """Fast shutdown: roll back open transactions, disconnect clients, checkpoint."""
         self._process.stop(signal.SIGINT)
+
+    def stop_immediate(self) -> None:
+        """`pg_ctl stop -m immediate`: no checkpoint, clients cut off; recovery at next start."""
+        self._process.stop(signal.SIGQUIT)
 
     def kill(self) -> None:
         """SIGKILL the postmaster and all its children at once, as a crash of the host would."""
@@ -468,10 +479,12 @@ async def _can_connect(dsn: str) -> bool:
 
 
 @contextlib.contextmanager
-def throwaway_redis(base: Path | None = None) -> Iterator[RedisServer]:
+def throwaway_redis(
+    base: Path | None = None, options: dict[str, str] | None = None
+) -> Iterator[RedisServer]:
     """A started RedisServer in a fresh temporary directory, stopped and deleted on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="firehose-redis-", dir=base))
-    server = RedisServer(workdir)
+    server = RedisServer(workdir, options)
     try:
         server.start()
         yield server

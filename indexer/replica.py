@@ -4,83 +4,127 @@ A fixed set of worker tasks bounds the batches in flight. Commit comes before AC
 is shielded from cancellation. A stop request (a signal, or `stop()`) ends reading; batches in
 hand finish within the grace period, after which they are cancelled and stay pending for
 redelivery: nothing is ever ACKed without its commit.
+
+Nothing is left pending forever: at start a replica takes up its own unfinished entries, and
+every `claim_idle_s / 2` one of its workers claims entries that any consumer has held for
+`claim_idle_s` (a crashed replica's batch). Work in progress is kept from looking idle by
+touching it, so live batches are not claimed away. An entry delivered `max_deliveries` times
+without a commit is dead-lettered; entries already redelivered are retried one per transaction,
+so an entry that crashes replicas climbs to that limit alone, not with its batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from indexer.config import Settings
 from indexer.db import Database, is_contention, is_unavailable
+from indexer.deletion import AccountDeletions
+from indexer.health import Health
 from indexer.metrics import Metrics
-from indexer.migrate import SchemaNotReady
-from indexer.migrate import pending as pending_migrations
+from indexer.observer import Observer
 from indexer.pipeline import Entry, Outcome, Pipeline
 from indexer.plugin import Plugin
-from indexer.stream import StreamConsumer, connect, stream_id
+from indexer.startup import wait_for_postgres, wait_for_redis
+from indexer.stream import PendingEntry, StreamConsumer, connect, stream_id
 
 log = logging.getLogger(__name__)
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 _MAX_BACKOFF_S = 10.0
 _SETTLE_DEADLINE_S = 5.0
+_MAX_SWEEP_INTERVAL_S = 30.0
+_HARD_DEADLINE_S = 10.0
+# Error replies that pass: a replica during failover, memory full, a cluster moving, a stream
+# or group that vanished (recreated by ensure_groups).
+_TRANSIENT_REPLIES = ("READONLY", "OOM", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "LOADING",
+                      "NOGROUP")  # fmt: skip
 
 
 class Replica:
     """One consumer of the group; `run()` until stopped or, with `drain`, until nothing is left."""
 
-    def __init__(self, settings: Settings, plugins: dict[str, Plugin], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        plugins: dict[str, Plugin],
+        metrics: Metrics,
+        health: Health | None = None,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self.health = health or Health(settings.stall_after_s)
         self._redis = connect(settings)
-        self._db = Database(settings)
+        self._db = Database(settings, metrics.pool_acquire.observe)
+        metrics.track_pool(self._db)
+        self._observer = Observer(settings, self._redis, self._db, metrics, self.health)
         self._consumer = StreamConsumer(settings, self._redis)
         self._pipeline = Pipeline(self._db, plugins)
+        self.deletions = AccountDeletions(self._db, plugins)
+        self._drained = False
         self._stopping = asyncio.Event()
         self._settling: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[str, set[str]] = {stream: set() for stream in settings.streams}
+        self._claim_idle_ms = int(settings.claim_idle_s * 1000)
+        self._next_sweep = 0.0
         self.indexed = 0
+        self.claimed = 0
 
     def stop(self) -> None:
         """Stop reading; batches in hand finish (signal handlers call this, and only this)."""
         self._stopping.set()
 
     async def run(self, *, drain: bool = False) -> None:
-        await self._db.open()
-        self._metrics.pool_size.set(self._db.size)
+        observer = asyncio.create_task(self._observer.run(), name="observer")
         try:
-            await self._check_schema()
+            if not await wait_for_redis(self._redis, self._settings, self._stopping):
+                return
+            if not await wait_for_postgres(self._db, self._settings, self._stopping):
+                return
+            self.health.set_check("schema", True)
             await self._consumer.ensure_groups()
-            # Entries pending on this consumer were all delivered before now: recovery stops at
-            # these ids, so it never takes up what the other workers read from here on.
-            bounds = await self._consumer.last_delivered_ids()
+            # What this consumer read before a restart and never ACKed is redone first, by
+            # worker 0, up to the ids delivered before now (later ones are the other workers').
+            before_start = await self._consumer.last_delivered_ids()
             workers = [
                 asyncio.create_task(
-                    self._work(drain, recover_until=bounds if n == 0 else None), name=f"worker-{n}"
+                    self._work(drain, recover_until=before_start if n == 0 else None),
+                    name=f"worker-{n}",
                 )
                 for n in range(self._settings.concurrency)
             ]
-            await self._wait(workers)
+            # Chores end on an event, not by cancel(): a cancel that lands as a redis-py command
+            # completes can be lost (Python 3.11), which would hang the shutdown.
+            workers_done = asyncio.Event()
+            chores = [
+                asyncio.create_task(self._keep_in_flight_busy(workers_done), name="touch"),
+                asyncio.create_task(self._housekeeping(workers_done), name="housekeeping"),
+                asyncio.create_task(self.deletions.run(workers_done), name="account-deletions"),
+            ]
+            try:
+                await self._wait(workers)
+            finally:
+                workers_done.set()
+                await asyncio.gather(*chores, return_exceptions=True)
+            if self._drained:  # drained also means: no account deletion left pending
+                await self.deletions.run_pending(wait=True)
+            await self._leave()
         finally:
+            self._observer.stop()
+            await asyncio.gather(observer, return_exceptions=True)
             if self._settling:  # ACKs of committed batches whose workers were cancelled
                 await asyncio.wait(self._settling, timeout=_SETTLE_DEADLINE_S)
             await self._db.close()
             await self._redis.aclose()
-
-    async def _check_schema(self) -> None:
-        async with self._db.connection() as conn:
-            missing = await pending_migrations(conn)
-        if missing:
-            names = ", ".join(m.name for m in missing)
-            raise SchemaNotReady(
-                f"database is not migrated ({names} pending): run `indexer migrate`"
-            )
 
     async def _wait(self, workers: list[asyncio.Task[None]]) -> None:
         """Wait for the workers; after a stop request give them the grace period, then cancel."""
@@ -94,60 +138,204 @@ class Replica:
                     "grace period over: cancelling %s; its batch stays pending", task.get_name()
                 )
                 task.cancel()
+            # A cancel can be lost (redis-py and asyncpg wait_for on Python 3.11): past a hard
+            # deadline the replica exits anyway; whatever was not ACKed stays pending.
+            _, stuck = await asyncio.wait(workers, timeout=_HARD_DEADLINE_S)
+            if stuck:
+                log.error("%d workers did not stop within %gs after cancel; exiting anyway",
+                          len(stuck), _HARD_DEADLINE_S)  # fmt: skip
+                return
             for result in await asyncio.gather(*workers, return_exceptions=True):
                 if isinstance(result, Exception):
                     raise result  # a bug we must see; cancelled workers are not errors
         finally:
             stop.cancel()
 
-    async def _finish_own_pending(self, bounds: dict[str, str]) -> None:
-        """Entries this consumer read before a restart but never ACKed are handled first."""
-        for stream, last in bounds.items():
-            bound = stream_id(last)
-            after = "0"
-            while not self._stopping.is_set():
-                try:
-                    entries = await self._consumer.read_pending(
-                        stream, after, self._settings.batch_size
-                    )
-                except _REDIS_DOWN as exc:
-                    log.warning("redis unavailable while recovering (%s); retrying in 1s", exc)
-                    await asyncio.sleep(1.0)
-                    continue
-                entries = [e for e in entries if stream_id(e.id) <= bound]
-                if not entries:
-                    break
-                after = entries[-1].id
-                await self._handle(entries)
-
     async def _work(self, drain: bool, *, recover_until: dict[str, str] | None) -> None:
         if recover_until is not None:
-            await self._finish_own_pending(recover_until)
+            await self._sweep(self._settings.consumer, min_idle_ms=0, until=recover_until)
         while not self._stopping.is_set():
+            self.health.beat()
+            if self._sweep_due() and await self._sweep(None, min_idle_ms=self._claim_idle_ms):
+                continue
             try:
                 entries = await self._consumer.read_new(
                     self._settings.batch_size, self._settings.block_ms
                 )
+                if not entries and not any(self._in_flight.values()):
+                    self.health.idle()  # nothing new, nothing in hand: silence is fine
                 if not entries and drain and await self._consumer.drained():
                     log.info("drained: the group has no lag and nothing pending")
+                    self._drained = True
                     self._stopping.set()
-            except _REDIS_DOWN as exc:
-                log.warning("redis unavailable while reading (%s); retrying in 1s", exc)
-                await asyncio.sleep(1.0)
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble(exc, "reading")
                 continue
             if entries:
                 await self._handle(entries)
+
+    def _sweep_due(self) -> bool:
+        """True for one worker every `claim_idle_s / 2`: that worker looks for idle entries."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return False
+        self._next_sweep = now + min(_MAX_SWEEP_INTERVAL_S, self._settings.claim_idle_s / 2)
+        return True
+
+    async def _sweep(
+        self, consumer: str | None, *, min_idle_ms: int, until: dict[str, str] | None = None
+    ) -> int:
+        """Claim and handle entries pending for `min_idle_ms` on `consumer` (None: on any
+        consumer), stream by stream, until none is left (or, with `until`, none up to that id);
+        returns how many were found. Entries this replica has in hand are never taken."""
+        found = 0
+        for stream in self._settings.streams:
+            bound = stream_id(until[stream]) if until else None
+            while not self._stopping.is_set():
+                try:
+                    pending = await self._consumer.idle_pending(
+                        stream, min_idle_ms, self._settings.batch_size, consumer
+                    )
+                    pending = [
+                        p for p in pending
+                        if p.id not in self._in_flight[stream]
+                        and (bound is None or stream_id(p.id) <= bound)
+                    ]  # fmt: skip
+                    if not pending:
+                        break
+                    await self._take_over(stream, pending, min_idle_ms)
+                except (RedisError, OSError) as exc:
+                    await self._redis_trouble(exc, "claiming")
+                    continue
+                found += len(pending)
+        return found
+
+    async def _redis_trouble(self, exc: BaseException, doing: str) -> None:
+        """A Redis failure while `doing`: wait a second if it passes, raise if it is a bug."""
+        if not _redis_transient(exc):
+            raise exc
+        log.warning("redis unavailable while %s (%s); retrying in 1s", doing, exc)
+        await asyncio.sleep(1.0)
+        if "NOGROUP" in str(exc):
+            with contextlib.suppress(RedisError, OSError):
+                await self._consumer.ensure_groups()
+
+    async def _take_over(self, stream: str, pending: list[PendingEntry], min_idle_ms: int) -> None:
+        """Claim pending entries and handle them like new ones; dead-letter the spent ones."""
+        limit = self._settings.max_deliveries
+        spent = [p for p in pending if p.deliveries >= limit]
+        first = [p for p in pending if p.deliveries <= 1]
+        again = [p for p in pending if 1 < p.deliveries < limit]
+        before = self.claimed
+        if spent:
+            await self._dead_letter_spent(stream, spent, min_idle_ms)
+        if first:
+            await self._handle(await self._claim(stream, first, min_idle_ms))
+        for one in again:  # one per transaction: a crashing entry then fails alone
+            await self._handle(await self._claim(stream, [one], min_idle_ms))
+        log.info(
+            "claimed %d of %d pending entries of %s held by %s (%d redelivered before, "
+            "%d dead-lettered at max_deliveries %d)",
+            self.claimed - before, len(pending), stream,
+            ",".join(sorted({p.consumer for p in pending})), len(again), len(spent), limit,
+        )  # fmt: skip
+
+    async def _claim(
+        self, stream: str, pending: list[PendingEntry], min_idle_ms: int
+    ) -> list[Entry]:
+        entries = await self._consumer.claim(stream, pending, min_idle_ms)
+        self.claimed += len(entries)
+        self._metrics.claimed.inc(len(entries))
+        return entries
+
+    async def _dead_letter_spent(
+        self, stream: str, spent: list[PendingEntry], min_idle_ms: int
+    ) -> None:
+        counts = {p.id: p.deliveries for p in spent}
+        entries = await self._claim(stream, spent, min_idle_ms)
+        outcome = Outcome()
+        for entry in entries:
+            entry.deliveries = counts[entry.id]
+            reason = (
+                f"delivered {entry.deliveries} times without being committed "
+                f"(max_deliveries {self._settings.max_deliveries})"
+            )
+            outcome.dead.append((entry, reason))
+            outcome.counts[("unknown", "unknown", "dead_letter")] += 1
+        await self._settle(outcome)
+        self._record(outcome)
+
+    async def _keep_in_flight_busy(self, done: asyncio.Event) -> None:
+        """Reset the idle time of the entries in hand now and then, so nobody claims them."""
+        interval = max(0.1, self._settings.claim_idle_s / 4)
+        while not await _wait_for(done, interval):
+            for stream, ids in self._in_flight.items():
+                if not ids:
+                    continue
+                try:
+                    await self._consumer.touch(stream, list(ids))
+                except (RedisError, OSError) as exc:  # never end this task: log, try again
+                    log.warning("could not touch entries in hand (%s)", exc)
+
+    async def _housekeeping(self, done: asyncio.Event) -> None:
+        """Trim each stream below what every group still needs; remove long-idle consumers."""
+        interval = self._settings.trim_interval_s
+        if interval <= 0:
+            return
+        while not await _wait_for(done, interval):
+            for stream in self._settings.streams:
+                try:
+                    await self._consumer.trim(stream)
+                    await self._remove_idle_consumers(stream)
+                except (RedisError, OSError) as exc:
+                    log.warning("housekeeping of %s skipped (%s)", stream, exc)
+
+    async def _remove_idle_consumers(self, stream: str) -> None:
+        idle_ms = self._settings.consumer_idle_s * 1000
+        for name, pending, idle in await self._consumer.consumers(stream):
+            stale = name != self._settings.consumer and pending == 0 and idle >= idle_ms
+            if stale and await self._consumer.remove_consumer(stream, name):
+                log.info("removed consumer %s of %s: idle %ds, nothing pending",
+                         name, stream, idle // 1000)  # fmt: skip
+
+    async def _leave(self) -> None:
+        """On a clean exit, trim what is done and remove this consumer from the group if
+        nothing is pending on it."""
+        for stream in self._settings.streams:
+            try:
+                if self._settings.trim_interval_s > 0:
+                    await self._consumer.trim(stream)
+                removed = await self._consumer.remove_consumer(stream, self._settings.consumer)
+            except (RedisError, OSError) as exc:
+                log.warning("could not remove consumer %s (%s)", self._settings.consumer, exc)
+                return
+            if not removed:
+                log.warning(
+                    "consumer %s keeps entries pending on %s; they are redone at its next start "
+                    "or claimed by another replica after %gs",
+                    self._settings.consumer, stream, self._settings.claim_idle_s,
+                )  # fmt: skip
 
     async def _handle(self, entries: list[Entry]) -> None:
         """Commit the batch, then ACK it. A cancellation before the commit rolls the batch back
         (it stays pending); the ACK after the commit is shielded, so a commit is never left
         un-ACKed by a stop."""
+        if not entries:
+            return
         started = time.monotonic()
-        outcome = await self._commit(entries)
-        settle = asyncio.create_task(self._settle(outcome))
-        self._settling.add(settle)
-        settle.add_done_callback(self._settling.discard)
-        await asyncio.shield(settle)
+        for entry in entries:
+            self._in_flight[entry.stream].add(entry.id)
+        try:
+            outcome = await self._commit(entries)
+            self._observer.committed()
+            settle = asyncio.create_task(self._settle(outcome))
+            self._settling.add(settle)
+            settle.add_done_callback(self._settling.discard)
+            await asyncio.shield(settle)
+        finally:
+            for entry in entries:
+                self._in_flight[entry.stream].discard(entry.id)
+        self.health.progressed()
         self._metrics.batch_duration.observe(time.monotonic() - started)
         self._metrics.batch_size.observe(len(entries))
         self._record(outcome)
@@ -181,7 +369,9 @@ class Replica:
             try:
                 await self._consumer.settle(outcome.done, outcome.dead)
                 return
-            except _REDIS_DOWN as exc:
+            except (RedisError, OSError) as exc:
+                if not _redis_transient(exc):
+                    raise
                 attempt += 1
                 log.warning("ACK failed (%s); retry %d", exc, attempt)
                 await asyncio.sleep(min(_MAX_BACKOFF_S, 0.1 * 2**attempt))
@@ -197,9 +387,23 @@ class Replica:
             )
         if outcome.newest_time:
             newest = datetime.fromisoformat(outcome.newest_time.replace("Z", "+00:00"))
-            self._metrics.event_lag.set(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
-        self._metrics.pool_in_use.set(self._db.in_use)
-        self._metrics.pool_waiting.set(self._db.waiting)
+            self._metrics.indexed_event_time(newest.timestamp())
+
+
+async def _wait_for(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for the event; True if it is set."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _redis_transient(exc: BaseException) -> bool:
+    """Redis is down, restarting, failing over or out of memory: wait, never give up."""
+    if isinstance(exc, _REDIS_DOWN):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
 
 
 def _retry_reason(exc: BaseException) -> str | None:

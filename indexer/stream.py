@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,27 @@ from indexer.constants import EVENT_FIELD, dlq_stream
 from indexer.pipeline import Entry
 
 log = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_S = 10.0
+_REPLY_MARGIN_S = 30.0  # beyond block_ms: a big XRANGE or a slow Lua script still answers
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEntry:
+    """An entry delivered to a consumer and not yet ACKed (one row of XPENDING)."""
+
+    id: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+
+
+# Removes a consumer only if it holds nothing: deleting a consumer drops its pending entries,
+# so the check and the delete must be one atomic step.
+_DELETE_IF_EMPTY = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +50,15 @@ class GroupState:
 
 def connect(settings: Settings) -> aioredis.Redis:
     """A client for REDIS_URL (`rediss://` works as the URL says); bytes in, bytes out."""
+    # Timeouts so that a half-open connection (a host gone, a partition) fails in seconds, not
+    # in the kernel's quarter of an hour; reads block at most block_ms, so allow for that.
     return aioredis.Redis.from_url(
-        settings.redis_url, decode_responses=False, health_check_interval=30
+        settings.redis_url,
+        decode_responses=False,
+        health_check_interval=30,
+        socket_connect_timeout=_CONNECT_TIMEOUT_S,
+        socket_timeout=settings.block_ms / 1000 + _REPLY_MARGIN_S,
+        socket_keepalive=True,
     )
 
 
@@ -74,6 +103,83 @@ class StreamConsumer:
         )
         return _entries(reply)
 
+    async def idle_pending(
+        self, stream: str, min_idle_ms: int, count: int, consumer: str | None = None
+    ) -> list[PendingEntry]:
+        """Pending entries idle for `min_idle_ms` or more (of one consumer or all), oldest first."""
+        rows = await self._redis.xpending_range(
+            stream, self._group, "-", "+", count, consumername=consumer, idle=min_idle_ms or None
+        )
+        return [
+            PendingEntry(
+                _text(r["message_id"]),
+                _text(r["consumer"]),
+                int(r["time_since_delivered"]),
+                int(r["times_delivered"]),
+            )
+            for r in rows
+        ]
+
+    async def claim(
+        self, stream: str, pending: list[PendingEntry], min_idle_ms: int
+    ) -> list[Entry]:
+        """Take entries over (XCLAIM); each counts one more delivery. An entry that another
+        replica claimed first (so is no longer idle) or that is gone is not returned."""
+        if not pending:
+            return []
+        reply = await self._redis.xclaim(
+            stream, self._group, self._consumer, min_idle_ms, _ids(p.id for p in pending)
+        )
+        deliveries = {p.id: p.deliveries + 1 for p in pending}
+        entries = _entries([(stream, reply)])
+        for entry in entries:
+            entry.deliveries = deliveries.get(entry.id, 1)
+        return entries
+
+    async def touch(self, stream: str, ids: list[str]) -> None:
+        """Reset the idle time of entries this consumer is working on, so that no other replica
+        claims work in progress; JUSTID does not count a delivery."""
+        if ids:
+            await self._redis.xclaim(stream, self._group, self._consumer, 0, _ids(ids), justid=True)
+
+    async def remove_consumer(self, stream: str, consumer: str) -> bool:
+        """Delete a consumer from the group if, and only if, nothing is pending on it."""
+        result = await self._redis.eval(_DELETE_IF_EMPTY, 1, stream, self._group, consumer)
+        return int(result) >= 0
+
+    async def consumers(self, stream: str) -> list[tuple[str, int, int]]:
+        """(name, pending, idle ms) of each consumer of the group on a stream."""
+        try:
+            rows = await self._redis.xinfo_consumers(stream, self._group)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc) or "no such key" in str(exc):
+                return []
+            raise
+        return [(_text(r["name"]), int(r["pending"]), int(r["idle"])) for r in rows]
+
+    async def trim(self, stream: str) -> str | None:
+        """Trim the stream below the oldest entry that some group still has pending or has not
+        been delivered yet; returns the boundary id, or None when nothing may be trimmed."""
+        groups = await self._redis.xinfo_groups(stream)
+        if not groups:
+            return None  # nobody reads it yet: everything is still to come
+        keep: list[tuple[int, int]] = []
+        for group in groups:
+            oldest = None
+            if int(group["pending"]):
+                summary = await self._redis.xpending(stream, group["name"])
+                oldest = summary.get("min")
+            if oldest is not None:
+                keep.append(stream_id(_text(oldest)))
+            else:
+                ms, seq = stream_id(_text(group["last-delivered-id"]))
+                keep.append((ms, seq + 1))
+        ms, seq = min(keep)
+        boundary = f"{ms}-{seq}"
+        # `~` trims whole macro nodes only: never more than asked, cheaply.
+        await self._redis.xtrim(stream, minid=boundary, approximate=True)
+        return boundary
+
     async def settle(self, done: list[Entry], dead: list[tuple[Entry, str]]) -> None:
         """ACK what committed and dead-letter what cannot be indexed, in one MULTI."""
         if not done and not dead:
@@ -89,6 +195,7 @@ class StreamConsumer:
                         "stream": entry.stream,
                         "id": entry.id,
                         "consumer": self._consumer,
+                        "deliveries": entry.deliveries,
                         "time": now,
                     },
                 )
@@ -144,6 +251,11 @@ def stream_id(entry_id: str) -> tuple[int, int]:
     """A stream entry id as a comparable (milliseconds, sequence) pair."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _ids(ids: Iterable[str]) -> list[Any]:
+    """Entry ids as redis-py's XCLAIM wants them typed."""
+    return list(ids)
 
 
 def _text(value: Any) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import msgspec
 
 from indexer.constants import MAX_TEXT_CHARS, UNPARSEABLE_DATE
@@ -11,32 +9,14 @@ from tests.helpers import (
     LIKE,
     POST,
     assert_no_drift,
+    bad_entries,
     create,
     like_record,
     post_record,
     push,
+    unindexable_uri,
     uri,
 )
-
-
-def _bad_entries() -> dict[str, bytes]:
-    """Each bad entry with the words its dead-letter reason must contain."""
-    good_like = create(7, LIKE, "lx", like_record(uri(1, POST, "p1")), 50)
-    no_rev = {k: v for k, v in good_like.items() if k != "rev"}
-    typed = dict(good_like, rev=5)
-    no_subject = create(7, LIKE, "ly", {"createdAt": "2024-01-01T00:00:00Z"}, 51)
-    bad_did = create(7, LIKE, "lz", like_record(uri(1, POST, "p1")), 52) | {"did": "nope"}
-    return {
-        "undecodable event: JSON is malformed": b"{not json",
-        "missing required field `rev`": msgspec.json.encode(no_rev),
-        "Expected `str`, got `int`": msgspec.json.encode(typed),
-        "invalid app.bsky.feed.like record": msgspec.json.encode(no_subject),
-        "invalid did": msgspec.json.encode(bad_did),
-        "Invalid value 'bogus'": b'{"type":"bogus","did":"did:plc:x"}',
-        "'utf-8' codec can't decode": msgspec.json.encode(
-            create(7, POST, "u1", post_record("PLACEHOLDER"), 53)
-        ).replace(b"PLACEHOLDER", b"\xff\xfe"),
-    }
 
 
 def _good_but_dirty() -> list[dict[str, object]]:
@@ -56,7 +36,7 @@ def _good_but_dirty() -> list[dict[str, object]]:
 
 
 async def test_bad_entries_are_dead_lettered_and_good_ones_indexed(settings, redis, db, drain):
-    bad = _bad_entries()
+    bad = bad_entries()
     good = _good_but_dirty()
     stream = settings.live_stream
     # interleave bad and good entries so they share batches
@@ -104,8 +84,7 @@ async def test_lone_surrogate_and_escaped_nul_are_indexed(settings, redis, db, d
 
 async def test_row_postgres_rejects_is_isolated_from_its_batch(settings, redis, db, drain):
     """A value only PostgreSQL can refuse (an index row too big) fails alone; its batch commits."""
-    noise = random.Random(1)
-    huge = "at://" + "".join(chr(noise.randrange(0x4E00, 0x9FFF)) for _ in range(2900))
+    huge = unindexable_uri()
     events = [create(2, LIKE, f"l{n}", like_record(uri(1, POST, "p1")), 10 + n) for n in range(9)]
     events.insert(4, create(3, LIKE, "huge", like_record(huge), 30))
     ids = await push(redis, settings.live_stream, events)

@@ -15,6 +15,7 @@ import zstandard
 from indexer.migrate import load_migrations
 from indexer.workload import write_jsonl
 from tests.helpers import assert_no_drift, snapshot
+from tests.observe import indexer_env
 
 BAD_LINES = [
     b"{broken",
@@ -25,16 +26,7 @@ BAD_LINES = [
 
 
 def _env(settings) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", ""),
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "INDEXER_STREAMS": ",".join(settings.streams),
-        "INDEXER_GROUP": settings.group,
-        "INDEXER_BATCH_SIZE": "200",
-        "METRICS_PORT": "0",
-        "INDEXER_BLOCK_MS": "100",
-    }
+    return indexer_env(settings, INDEXER_BATCH_SIZE="200", INDEXER_STARTUP_TIMEOUT_S="2")
 
 
 def _indexer(*args: str) -> list[str]:
