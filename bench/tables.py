@@ -26,6 +26,8 @@ WRITTEN_TABLES = (
     "post_agg",
     "profile_agg",
     "actor",
+    "account_state",
+    "actor_sync",
 )
 # (counter, table counted, column counted, aggregate table, its key)
 COUNTERS = (
@@ -129,6 +131,8 @@ async def load_suffixed_copies(dsn: str, dumps: list[TableDump], copies: int) ->
             suffix = rb"did:plc:\g<1>" + f"{GROWN_MARK}{n}".encode()
             for d in dumps:
                 data = _DID.sub(suffix, d.data)
+                if d.table == "actor":  # handles are unique too
+                    data = data.replace(b".bsky.social", f".g{n}.bsky.social".encode())
                 await conn.copy_to_table(
                     d.table, source=io.BytesIO(data), columns=d.columns, format="text"
                 )

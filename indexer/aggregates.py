@@ -48,6 +48,20 @@ class Deltas:
     def __bool__(self) -> bool:
         return bool(self._post) or bool(self._profile)
 
+    def keys(self) -> tuple[list[str], list[str]]:
+        """The post uris and dids whose counters move, each sorted."""
+        return (
+            sorted(k for k, v in self._post.items() if any(v)),
+            sorted(k for k, v in self._profile.items() if any(v)),
+        )
+
+    def merge(self, other: Deltas) -> None:
+        """Add another batch's deltas to these."""
+        for key, values in other._post.items():
+            self._post[key] = [a + b for a, b in zip(self._post[key], values, strict=True)]
+        for key, values in other._profile.items():
+            self._profile[key] = [a + b for a, b in zip(self._profile[key], values, strict=True)]
+
     async def apply(self, conn: Connection) -> None:
         """Apply the non-zero deltas, keys sorted so concurrent batches lock rows in one order."""
         await _apply(conn, _POST_SQL, self._post, len(POST_COUNTERS))

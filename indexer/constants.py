@@ -25,6 +25,44 @@ DEFAULT_ACQUIRE_TIMEOUT_S = 30.0
 DEFAULT_SHUTDOWN_GRACE_S = 20.0
 DEFAULT_INGEST_BATCH = 1000
 
+# Ingesters (issue 4). The socket is read again once the backlog falls below this share of the
+# high-water mark; a source silent for the stall timeout is treated as failed; Jetstream resumes
+# this far before its saved cursor (its time_us differ between instances); reconnects back off
+# exponentially from the base to the cap, with jitter.
+LOW_WATER_SHARE = 0.8
+DEFAULT_INGESTER_STALL_TIMEOUT_S = 30.0
+DEFAULT_JETSTREAM_REWIND_S = 5.0
+DEFAULT_INGESTER_COLLECTIONS = ("app.bsky.*",)
+DEFAULT_INGESTER_QUEUE_SIZE = 5_000
+DEFAULT_INGESTER_BACKOFF_S = 0.5
+INGESTER_BACKOFF_MAX_S = 30.0
+INGESTER_BACKPRESSURE_POLL_S = 0.2
+JETSTREAM_MAX_MESSAGE_BYTES = 2**20  # after decompression
+RELAY_MAX_FRAME_BYTES = 5 * 2**20  # a commit carries 2 MiB of blocks at most
+RELAY_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
+
+# Reliability: reclaiming, dead-lettering, trimming, consumers, start-up.
+DEFAULT_CLAIM_IDLE_S = 60.0
+DEFAULT_MAX_DELIVERIES = 5
+DEFAULT_TRIM_INTERVAL_S = 10.0
+DEFAULT_CONSUMER_IDLE_S = 3600.0
+DEFAULT_STARTUP_TIMEOUT_S = 300.0
+
+# Health and observation: a backlog that has not moved (or a loop silent) for this long is
+# unhealthy; stream figures are read this often.
+DEFAULT_STALL_AFTER_S = 120.0
+DEFAULT_STATS_INTERVAL_S = 5.0
+# `indexer compare`: connection warm-up, sample window, grace for late indexing.
+DEFAULT_COMPARE_WARMUP_S = 5.0
+DEFAULT_COMPARE_DURATION_S = 60.0
+DEFAULT_COMPARE_GRACE_S = 10.0
+
+# Accounts and counters: a deleted account's records are removed this many per transaction,
+# pending deletions are looked for this often; `indexer reconcile` keys per transaction.
+ACCOUNT_DELETION_CHUNK = 500
+ACCOUNT_DELETION_POLL_S = 1.0
+DEFAULT_RECONCILE_CHUNK = 1000
+
 # Bounds applied before anything reaches PostgreSQL.
 MAX_TEXT_CHARS = 30_000
 MAX_SHORT_CHARS = 3_000

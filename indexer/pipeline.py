@@ -1,8 +1,10 @@
 """A batch of stream entries -> decoded ops -> one transaction of bulk writes.
 
-decode (no database) -> collapse per record by rev -> rev guard -> record table -> plugins
-(deletes, then updates, then inserts) -> counter deltas. One transaction per batch; a batch
-that fails on data is split until the bad entries stand alone and go to the dead-letter stream.
+decode (no database) -> account events (identity, status, deletion fence, repo rev) -> fence
+(record events of a deleted account not newer than its deletion become deletes) -> collapse per
+record by rev -> rev guard -> record table -> plugins (deletes, then updates, then inserts) ->
+counter deltas. One transaction per batch; a batch that fails on data is split until the bad
+entries stand alone and go to the dead-letter stream.
 """
 
 from __future__ import annotations
@@ -12,13 +14,23 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from indexer.accounts import AccountOp, apply_account_ops, fences, order_key
 from indexer.aggregates import Deltas
 from indexer.constants import MAX_CID_CHARS, MAX_RECORD_JSON_BYTES
 from indexer.db import Database, is_data_error
-from indexer.events import Create, Delete, Envelope, Update, envelope_decoder
+from indexer.events import (
+    Account,
+    Create,
+    Delete,
+    Envelope,
+    Identity,
+    Repo,
+    Update,
+    envelope_decoder,
+)
 from indexer.guard import Change, apply_guard
 from indexer.normalize import clean_json_text, clean_text, normalize_datetime, repair_json
-from indexer.plugin import Op, Plugin
+from indexer.plugin import Op, Plugin, outcome_of
 from indexer.records import ensure_actors, write_records
 
 log = logging.getLogger(__name__)
@@ -26,11 +38,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Entry:
-    """One stream entry as read: where it came from and its raw `event` field."""
+    """One stream entry as read: where it came from, its raw `event` field, and how many times
+    the group has delivered it (1 when read new; more when claimed after a failure)."""
 
     stream: str
     id: str
     raw: bytes | None
+    deliveries: int = 1
 
 
 @dataclass(slots=True)
@@ -41,10 +55,28 @@ class Item:
     op: Op
     operation: str
     time: str
+    fenced: bool = False  # its account was deleted after it: applied as a delete
 
     @property
     def delete(self) -> bool:
-        return self.operation == "delete"
+        return self.operation == "delete" or self.fenced
+
+    @property
+    def label(self) -> tuple[str, str]:
+        return self.op.collection, self.op.uri
+
+
+@dataclass(slots=True)
+class AccountItem:
+    """A decoded identity, account or repo event."""
+
+    entry: Entry
+    op: AccountOp
+    operation: str
+
+    @property
+    def label(self) -> tuple[str, str]:
+        return "-", f"{self.operation} of {self.op.did}"
 
 
 @dataclass(slots=True)
@@ -81,7 +113,7 @@ class Pipeline:
     async def process(self, entries: list[Entry]) -> Outcome:
         """Decode and write one batch; database outages propagate (nothing is dead-lettered)."""
         outcome = Outcome()
-        items: list[Item] = []
+        items: list[Item | AccountItem] = []
         for entry in entries:
             try:
                 item = self._decode(entry)
@@ -89,7 +121,7 @@ class Pipeline:
                 outcome.dead.append((entry, str(exc)))
                 outcome.counts[("unknown", "unknown", "dead_letter")] += 1
                 continue
-            if isinstance(item, Item):
+            if isinstance(item, (Item, AccountItem)):
                 items.append(item)
             else:
                 outcome.done.append(entry)
@@ -97,12 +129,14 @@ class Pipeline:
         outcome.merge(await self._write_isolating(items))
         return outcome
 
-    def _decode(self, entry: Entry) -> Item | tuple[str, str, str]:
-        """An Item to write, or the (collection, operation, outcome) key of an entry skipped."""
+    def _decode(self, entry: Entry) -> Item | AccountItem | tuple[str, str, str]:
+        """An item to write, or the (collection, operation, outcome) key of an entry skipped."""
         env = _decode_envelope(entry.raw)
-        if not isinstance(env, (Create, Update, Delete)):
-            return ("-", env.__class__.__name__.lower(), "skipped")
         operation = env.__class__.__name__.lower()
+        if isinstance(env, (Identity, Account, Repo)):
+            _check_did(env.did)
+            time = normalize_datetime(env.time) if env.time else _now()
+            return AccountItem(entry, AccountOp(env, time, order_key(time, env.seq)), operation)
         plugin = self._plugins.get(env.collection)
         if plugin is None or not plugin.accepts(env.rkey):
             return (env.collection if plugin else "other", operation, "skipped")
@@ -121,7 +155,7 @@ class Pipeline:
             op.cid, op.json = clean_text(env.cid, MAX_CID_CHARS), clean_json_text(raw)
         return Item(entry, op, operation, indexed_at)
 
-    async def _write_isolating(self, items: list[Item]) -> Outcome:
+    async def _write_isolating(self, items: list[Item | AccountItem]) -> Outcome:
         """Write items in one transaction; on a data error split them to isolate the bad ones."""
         if not items:
             return Outcome()
@@ -131,28 +165,43 @@ class Pipeline:
             if not is_data_error(exc):
                 raise
             if len(items) == 1:
-                log.warning("dead-lettering %s: %s", items[0].op.uri, exc)
+                collection, label = items[0].label
+                log.warning("dead-lettering %s: %s", label, exc)
                 outcome = Outcome(dead=[(items[0].entry, f"database rejected: {exc}")])
-                outcome.counts[(items[0].op.collection, items[0].operation, "dead_letter")] += 1
+                outcome.counts[(collection, items[0].operation, "dead_letter")] += 1
                 return outcome
             half = len(items) // 2
             first = await self._write_isolating(items[:half])
             first.merge(await self._write_isolating(items[half:]))
             return first
 
-    async def _write(self, items: list[Item]) -> Outcome:
-        winners = _collapse(items)
+    async def _write(self, mixed: list[Item | AccountItem]) -> Outcome:
+        items = [i for i in mixed if isinstance(i, Item)]
+        accounts = [i for i in mixed if isinstance(i, AccountItem)]
         deltas = Deltas()
         async with self._db.transaction() as conn:
-            changes = await apply_guard(conn, winners)
+            # Actors first, in did order, in every transaction: a batch that inserted an actor
+            # after its record_state rows would deadlock with one doing the opposite.
+            await ensure_actors(conn, _earliest_per_did(items, accounts))
+            applied = await apply_account_ops(conn, [a.op for a in accounts])
+            fenced = await fences(conn, sorted({i.op.did for i in items}))
+            for item in items:
+                item.fenced = item.op.did in fenced and item.time <= fenced[item.op.did]
+            changes = await apply_guard(conn, _collapse(items))
             await write_records(conn, changes)
-            await ensure_actors(conn, _earliest_per_author(items))
             for collection in sorted({c.op.collection for c in changes}):
                 plugin = self._plugins[collection]
                 mine = [c for c in changes if c.op.collection == collection]
                 await _apply_plugin(conn, plugin, mine, deltas)
             await deltas.apply(conn)
-        return _outcome(items, {id(c.op) for c in changes})
+        outcome = _outcome(items, {id(c.op) for c in changes})
+        for a in accounts:
+            result = "indexed" if id(a.op) in applied else "unchanged"
+            outcome.done.append(a.entry)
+            outcome.counts[("-", a.operation, result)] += 1
+            if a.op.event.time:  # an event without a time says nothing about the lag
+                outcome.newest_time = max(outcome.newest_time, a.op.time)
+        return outcome
 
 
 async def _apply_plugin(
@@ -186,9 +235,13 @@ def _decode_envelope(raw: bytes | None) -> Envelope:
             raise Rejected(f"invalid event: {again}") from None
 
 
+def _check_did(did: str) -> None:
+    if not did.startswith("did:") or len(did) > 2048 or "\x00" in did:
+        raise Rejected(f"invalid did {did[:80]!r}")
+
+
 def _check_keys(env: Create | Update | Delete) -> None:
-    if not env.did.startswith("did:") or len(env.did) > 2048:
-        raise Rejected(f"invalid did {env.did[:80]!r}")
+    _check_did(env.did)
     if not env.rkey or "/" in env.rkey or len(env.rkey) > 512:
         raise Rejected(f"invalid rkey {env.rkey[:80]!r}")
     if not env.rev or len(env.rev) > 64:
@@ -197,12 +250,13 @@ def _check_keys(env: Create | Update | Delete) -> None:
         raise Rejected("NUL in a record key")
 
 
-def _earliest_per_author(items: list[Item]) -> dict[str, str]:
+def _earliest_per_did(items: list[Item], accounts: list[AccountItem]) -> dict[str, str]:
+    """Each did of the batch with the earliest event time seen for it."""
     earliest: dict[str, str] = {}
-    for item in items:
-        seen = earliest.get(item.op.did)
-        if seen is None or item.op.indexed_at < seen:
-            earliest[item.op.did] = item.op.indexed_at
+    times = [(i.op.did, i.op.indexed_at) for i in items] + [(a.op.did, a.op.time) for a in accounts]
+    for did, time in times:
+        if did not in earliest or time < earliest[did]:
+            earliest[did] = time
     return earliest
 
 
@@ -220,7 +274,7 @@ def _outcome(items: list[Item], applied: set[int]) -> Outcome:
     """Every item is done: indexed where its op changed something, else unchanged."""
     outcome = Outcome(done=[i.entry for i in items])
     for item in items:
-        result = "indexed" if id(item.op) in applied else "unchanged"
+        result = "fenced" if item.fenced else outcome_of(item.op, id(item.op) in applied)
         outcome.counts[(item.op.collection, item.operation, result)] += 1
         outcome.newest_time = max(outcome.newest_time, item.time)
     return outcome

@@ -11,7 +11,12 @@ from indexer.db import Connection
 
 @dataclass(slots=True)
 class Op:
-    """One record operation that won the rev guard, with its decoded record (None for deletes)."""
+    """One record operation that won the rev guard, with its decoded record (None for deletes).
+
+    `rejected` is the hook for records a plugin refuses on their content (a listitem in someone
+    else's list, a threadgate for another account's post): the plugin writes no typed row for
+    the op and sets the reason here; `outcome_of` then counts the op as `rejected`.
+    """
 
     uri: str
     did: str
@@ -22,6 +27,14 @@ class Op:
     record: Any
     json: str
     indexed_at: str
+    rejected: str | None = None
+
+
+def outcome_of(op: Op, applied: bool) -> str:
+    """The `outcome` label of an op that reached the rev guard: applied, refused, or superseded."""
+    if op.rejected is not None:
+        return "rejected"
+    return "indexed" if applied else "unchanged"
 
 
 class Plugin(Protocol):

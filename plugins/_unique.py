@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from indexer import dirty
 from indexer.aggregates import Deltas
 from indexer.db import Connection
 from indexer.plugin import Op, columns, unnest_insert
@@ -205,7 +206,10 @@ class UniquePlugin:
         moves = sorted(heirs.items())
         await conn.execute(_DROP_DUPLICATES, [new for _, new in moves])
         await conn.execute(_REPOINT, [old for old, _ in moves], [new for _, new in moves])
-        await self.insert(conn, [ops[new] for _, new in moves], deltas)
+        promoted = Deltas()  # the keys a promotion moves are marked for `reconcile --dirty`
+        await self.insert(conn, [ops[new] for _, new in moves], promoted)
+        await dirty.mark(conn, promoted)
+        deltas.merge(promoted)
 
     async def _settle(
         self, conn: Connection, conflicts: list[tuple[tuple[Any, ...], str]], deltas: Deltas

@@ -1,4 +1,5 @@
-"""app.bsky.feed.post: `post`, `feed_item`, `quote`; postsCount, replyCount and quoteCount."""
+"""app.bsky.feed.post: `post`, `feed_item`, `quote`, the embed tables; postsCount, replyCount and
+quoteCount; `invalidReplyRoot` and the gate flags (see `plugins/_post_flags.py`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from indexer.events import StrongRef
 from indexer.normalize import clean_text, normalize_datetime
 from indexer.plugin import Op, columns, sort_at, unnest_insert
 from plugins import _feed_item as feed_item
+from plugins import _post_flags as post_flags
+from plugins._embeds import EmbedRows, at_uri_collection, embedded_record, remove_embeds
 
 
 class ReplyRef(msgspec.Struct):
@@ -29,6 +32,7 @@ class PostRecord(msgspec.Struct):
     tags: list[str] | None = None
 
 
+POST = "app.bsky.feed.post"
 _decoder = msgspec.json.Decoder(PostRecord)
 _json = msgspec.json.Encoder()
 _POST_COLS = (
@@ -65,19 +69,8 @@ _DELETE_QUOTE = "DELETE FROM quote WHERE uri = ANY($1::varchar[]) RETURNING subj
 
 def quoted(embed: dict[str, Any] | None) -> StrongRef | None:
     """The post a record or record-with-media embed quotes, if any."""
-    if not embed:
-        return None
-    kind, ref = embed.get("$type"), embed.get("record")
-    if kind == "app.bsky.embed.recordWithMedia" and isinstance(ref, dict):
-        ref = ref.get("record")
-    elif kind != "app.bsky.embed.record":
-        return None
-    if not isinstance(ref, dict):
-        return None
-    uri, cid = ref.get("uri"), ref.get("cid")
-    if not isinstance(uri, str) or "/app.bsky.feed.post/" not in uri:
-        return None
-    return StrongRef(clean_text(uri), clean_text(cid) if isinstance(cid, str) else "")
+    ref = embedded_record(embed)
+    return ref if ref is not None and at_uri_collection(ref.uri) == POST else None
 
 
 def _strings(values: list[str] | None) -> str | None:
@@ -104,8 +97,14 @@ def _row(op: Op) -> tuple[Any, ...]:
     )
 
 
+def _parents(ops: list[Op]) -> list[str]:
+    return [clean_text(op.record.reply.parent.uri) for op in ops if op.record.reply]
+
+
 class PostPlugin:
-    collection = "app.bsky.feed.post"
+    """Each call takes its post locks first (see `plugins/_post_flags.py`), then writes rows."""
+
+    collection = POST
 
     def decode(self, raw: bytes) -> PostRecord:
         return _decoder.decode(raw)
@@ -114,10 +113,24 @@ class PostPlugin:
         return True
 
     async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+        await post_flags.lock_posts(conn, [op.uri for op in ops], _parents(ops))
+        await self._insert(conn, ops, deltas)
+
+    async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+        await post_flags.lock_posts(conn, [op.uri for op in ops], _parents(ops))
+        await self._delete(conn, ops, deltas)
+        await self._insert(conn, ops, deltas)
+
+    async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+        await post_flags.lock_posts(conn, [op.uri for op in ops], [])
+        await self._delete(conn, ops, deltas)
+
+    async def _insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         by_uri = {op.uri: op for op in ops}
         rows = {uri: _row(op) for uri, op in by_uri.items()}
         inserted = await conn.fetch(_INSERT_POST, *columns(list(rows.values()), len(_POST_COLS)))
         quotes, items = [], []
+        embeds = EmbedRows()
         for rec in inserted:
             row = rows[rec["uri"]]
             uri, cid, creator, parent, created, indexed = (
@@ -135,21 +148,23 @@ class PostPlugin:
             subject = quoted(by_uri[uri].record.embed)
             if subject is not None:
                 quotes.append((uri, cid, subject.uri, subject.cid, created, indexed))
+            embeds.add(uri, by_uri[uri].record.embed)
         await feed_item.add(conn, items)
+        await embeds.write(conn)
+        await post_flags.posts_added(conn, [rec["uri"] for rec in inserted])
         if quotes:
             for q in await conn.fetch(_INSERT_QUOTE, *columns(quotes, 6)):
                 deltas.post(q["subject"], "quoteCount", 1)
 
-    async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await self.delete(conn, ops, deltas)
-        await self.insert(conn, ops, deltas)
-
-    async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+    async def _delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         uris = [op.uri for op in ops]
-        for rec in await conn.fetch(_DELETE_POST, uris):
+        deleted = await conn.fetch(_DELETE_POST, uris)
+        for rec in deleted:
             deltas.profile(rec["creator"], "postsCount", -1)
             if rec["replyParent"]:
                 deltas.post(rec["replyParent"], "replyCount", -1)
         for rec in await conn.fetch(_DELETE_QUOTE, uris):
             deltas.post(rec["subject"], "quoteCount", -1)
         await feed_item.remove(conn, uris)
+        await remove_embeds(conn, uris)
+        await post_flags.posts_removed(conn, [rec["uri"] for rec in deleted])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import msgspec
@@ -128,6 +129,22 @@ _SNAPSHOT_TABLES = {
     "profile_agg": 'SELECT did, "followersCount", "followsCount", "postsCount" FROM profile_agg '
     'WHERE greatest("followersCount", "followsCount", "postsCount") > 0',
     "actor": 'SELECT did, "indexedAt" FROM actor',
+    "post_flags": 'SELECT uri, "invalidReplyRoot", "hasThreadGate", "hasPostGate" FROM post',
+    "post_embed_image": 'SELECT "postUri", position, "imageCid", alt FROM post_embed_image',
+    "post_embed_video": 'SELECT "postUri", "videoCid", alt FROM post_embed_video',
+    "post_embed_external": 'SELECT "postUri", uri, title, description, "thumbCid" '
+    "FROM post_embed_external",
+    "post_embed_record": 'SELECT "postUri", "embedUri", "embedCid" FROM post_embed_record',
+    "list": 'SELECT uri, cid, name, purpose, description, "descriptionFacets", "avatarCid" '
+    "FROM list",
+    "list_item": 'SELECT uri, creator, "listUri", "subjectDid" FROM list_item',
+    "list_block": 'SELECT uri, creator, "subjectUri" FROM list_block',
+    "feed_generator": 'SELECT uri, cid, "feedDid", "displayName", description FROM feed_generator',
+    "thread_gate": 'SELECT uri, "postUri" FROM thread_gate',
+    "post_gate": 'SELECT uri, "postUri" FROM post_gate',
+    "starter_pack": "SELECT uri, cid, name FROM starter_pack",
+    "labeler": "SELECT uri, cid FROM labeler",
+    "verification": 'SELECT uri, subject, handle, "displayName" FROM verification',
     "record_state": "SELECT uri, rev, live FROM record_state",
 }
 
@@ -146,3 +163,29 @@ async def assert_no_drift(conn: Any) -> None:
     found = await drift(conn)
     assert found == dict.fromkeys(found, 0), f"counter drift: {found}"
     assert await negative_counters(conn) == 0
+
+
+def bad_entries() -> dict[str, bytes]:
+    """Each bad entry with the words its dead-letter reason must contain."""
+    good_like = create(7, LIKE, "lx", like_record(uri(1, POST, "p1")), 50)
+    no_rev = {k: v for k, v in good_like.items() if k != "rev"}
+    typed = dict(good_like, rev=5)
+    no_subject = create(7, LIKE, "ly", {"createdAt": "2024-01-01T00:00:00Z"}, 51)
+    bad_did = create(7, LIKE, "lz", like_record(uri(1, POST, "p1")), 52) | {"did": "nope"}
+    return {
+        "undecodable event: JSON is malformed": b"{not json",
+        "missing required field `rev`": msgspec.json.encode(no_rev),
+        "Expected `str`, got `int`": msgspec.json.encode(typed),
+        "invalid app.bsky.feed.like record": msgspec.json.encode(no_subject),
+        "invalid did": msgspec.json.encode(bad_did),
+        "Invalid value 'bogus'": b'{"type":"bogus","did":"did:plc:x"}',
+        "invalid app.bsky.feed.post record: Invalid UTF-8": msgspec.json.encode(
+            create(7, POST, "u1", post_record("PLACEHOLDER"), 53)
+        ).replace(b"PLACEHOLDER", b"\xff\xfe"),
+    }
+
+
+def unindexable_uri() -> str:
+    """A uri only PostgreSQL can refuse: too big for a btree index row, even compressed."""
+    noise = random.Random(1)
+    return "at://" + "".join(chr(noise.randrange(0x4E00, 0x9FFF)) for _ in range(2900))
