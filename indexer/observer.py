@@ -87,7 +87,8 @@ class Observer:
         if time.monotonic() - self._committed_at < s.stats_interval_s:
             self._check("postgres", True)  # a batch committed just now: no probe needed
         elif not self._db.is_open:
-            self._check("postgres", False, "not connected yet")
+            # start-up: not a failure to warn about (the replica logs what it waits for)
+            self._health.set_check("postgres", False, "not connected yet")
         else:
             await self._probe_postgres()
 
