@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import signal
 import sys
 import time
 import uuid
@@ -113,3 +114,42 @@ async def start_cli(env: dict[str, str], source: str, *args: str) -> asyncio.sub
         sys.executable, "-m", "indexer.cli", "ingest", source, *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+
+
+def length_at_least(client: aioredis.Redis, stream: str, n: int) -> Callable[[], Awaitable[bool]]:
+    """A check for `until`: the stream holds at least `n` entries."""
+
+    async def check() -> bool:
+        return int(await client.xlen(stream)) >= n
+
+    return check
+
+
+async def kill_9_repeatedly(
+    client: aioredis.Redis,
+    env: dict[str, str],
+    source: str,
+    key: str,
+    *,
+    kills: int,
+    step: int,
+    total: int,
+    stream: str,
+) -> tuple[str, str, int | None]:
+    """`indexer ingest SOURCE` killed with SIGKILL `kills` times, each after `step` more
+    entries, the saved cursor checked against the last entry each time; then run until the
+    stream holds `total` entries and stopped with SIGTERM. Returns (stdout, stderr, exit code)."""
+    for _ in range(kills):
+        before = await client.xlen(stream)
+        proc = await start_cli(env, source)
+        await until(length_at_least(client, stream, before + step), what="progress")
+        proc.kill()
+        await proc.wait()
+        last = msgspec.json.decode((await client.xrevrange(stream, count=1))[0][1][b"event"])
+        assert int(await client.get(key)) == last["seq"]  # never ahead, never behind
+        assert await client.xlen(stream) < total  # killed mid-stream
+    proc = await start_cli(env, source)
+    await until(length_at_least(client, stream, total), what="all events")
+    proc.send_signal(signal.SIGTERM)
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    return out.decode(), err.decode(), proc.returncode

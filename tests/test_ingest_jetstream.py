@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 
 import msgspec
@@ -19,6 +18,8 @@ from tests.ingest_helpers import (
     cli_env,
     envelopes_of,
     ingest_settings,
+    kill_9_repeatedly,
+    length_at_least,
     running,
     sample,
     start_cli,
@@ -35,13 +36,6 @@ async def client(redis_server):
     await redis.aclose()
 
 
-def _length(client, stream, n):
-    async def check() -> bool:
-        return await client.xlen(stream) >= n
-
-    return check
-
-
 @pytest.mark.parametrize("compress", [False, True], ids=["json", "zstd"])
 async def test_every_event_reaches_the_stream_with_its_cursor(redis_server, client, compress):
     events = workload(3000)
@@ -49,7 +43,7 @@ async def test_every_event_reaches_the_stream_with_its_cursor(redis_server, clie
     async with FakeJetstream(events) as fake:
         source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
         async with running(settings, source) as (ingester, metrics):
-            await until(_length(client, settings.live_stream, 3000), what="3000 entries")
+            await until(length_at_least(client, settings.live_stream, 3000), what="3000 entries")
             assert sample(metrics, "ingester_connected", source="jetstream") == 1
         assert sample(metrics, "ingester_connected", source="jetstream") == 0
         assert fake.queries[0]["wantedCollections"] == ["app.bsky.*"]
@@ -74,10 +68,10 @@ async def test_restart_resumes_from_the_saved_cursor_rewound_without_duplicates(
     async with FakeJetstream(events, stall_after=1500, faulty_connections=1) as fake:
         source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
         async with running(settings, source) as (first, _):
-            await until(_length(client, settings.live_stream, 1500), what="the first 1500")
+            await until(length_at_least(client, settings.live_stream, 1500), what="the first 1500")
         assert first.saved is not None and first.saved.cursor == events[1499]["time_us"]
         async with running(settings, source) as (_, metrics):
-            await until(_length(client, settings.live_stream, 4000), what="the rest")
+            await until(length_at_least(client, settings.live_stream, 4000), what="the rest")
     assert fake.cursors == [None, events[1499]["time_us"] - 500_000]
     assert await stream_entries(client, settings.live_stream) == envelopes_of(events)
     # the rewind replayed about half a second of events; all were recognized and skipped
@@ -101,7 +95,7 @@ async def test_drops_stalls_and_garbage_are_survived_and_counted(redis_server, c
     async with FakeJetstream(events, schedule=schedule, garbage_at=garbage) as fake:
         source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
         async with running(settings, source) as (_, metrics):
-            await until(_length(client, settings.live_stream, 3000), what="all")
+            await until(length_at_least(client, settings.live_stream, 3000), what="all")
     assert await stream_entries(client, settings.live_stream) == envelopes_of(
         [e for e in events if e is not unknown]
     )
@@ -123,7 +117,8 @@ async def test_fails_over_to_the_next_url(redis_server, client):
         dead = "ws://127.0.0.1:1/subscribe"
         source = JetstreamSource(settings.replace(jetstream_urls=(dead, fake.url)))
         async with running(settings, source) as (_, metrics):
-            await until(_length(client, settings.live_stream, 2000), what="all from the 2nd")
+            all_in = length_at_least(client, settings.live_stream, 2000)
+            await until(all_in, what="all from the 2nd")
     assert await stream_entries(client, settings.live_stream) == envelopes_of(events)
     refused = sample(
         metrics, "ingester_disconnects_total", source="jetstream", reason="unreachable"
@@ -138,7 +133,7 @@ async def test_another_host_after_a_failure_gets_its_overlap_written(redis_serve
     async with FakeJetstream(events) as second, FakeJetstream(events, drop_after=1000) as first:
         source = JetstreamSource(settings.replace(jetstream_urls=(first.url, second.url)))
         async with running(settings, source):
-            await until(_length(client, settings.live_stream, 1000), what="the first host")
+            await until(length_at_least(client, settings.live_stream, 1000), what="the first host")
             await first.stop()
             await until(
                 lambda: _has_all(client, settings.live_stream, envelopes_of(events)),
@@ -160,9 +155,9 @@ async def test_v2_messages_carry_a_sequence_cursor(redis_server, client):
     async with FakeJetstream(events, version=2, stall_after=600, faulty_connections=1) as fake:
         source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
         async with running(settings, source):
-            await until(_length(client, settings.live_stream, 600), what="600")
+            await until(length_at_least(client, settings.live_stream, 600), what="600")
         async with running(settings, source):
-            await until(_length(client, settings.live_stream, 1000), what="the rest")
+            await until(length_at_least(client, settings.live_stream, 1000), what="the rest")
     assert fake.cursors == [None, 600]  # a sequence resumes where it was: no rewind
     entries = [msgspec.json.decode(e) for e in await stream_entries(client, settings.live_stream)]
     assert [e["seq"] for e in entries] == list(range(1, 1001))
@@ -253,23 +248,11 @@ async def test_kill_9_while_streaming_loses_nothing_and_repeats_nothing(redis_se
     async with FakeJetstream(events) as fake:
         env = cli_env(settings, JETSTREAM_URL=fake.url)
         key = cursor_key(stream, fake.url.split("/")[2])
-        for _ in range(4):
-            before = await client.xlen(stream)
-            proc = await start_cli(env, "jetstream")
-            await until(_length(client, stream, before + 2000), what="progress")
-            proc.kill()
-            await proc.wait()
-            last = msgspec.json.decode((await client.xrevrange(stream, count=1))[0][1][b"event"])
-            assert int(await client.get(key)) == last["seq"]  # never ahead, never behind
-            assert await client.xlen(stream) < len(events)  # killed mid-stream
-        proc = await start_cli(env, "jetstream")
-        await until(_length(client, stream, len(events)), what="all events")
-        proc.send_signal(signal.SIGTERM)
-        out, err = await asyncio.wait_for(proc.communicate(), 15)
-    assert proc.returncode == 0, err.decode()[-2000:]
-    assert out.decode().startswith("added ") and f"cursor {events[-1]['time_us']} saved" in (
-        out.decode()
-    )
+        out, err, code = await kill_9_repeatedly(
+            client, env, "jetstream", key, kills=4, step=2000, total=len(events), stream=stream
+        )
+    assert code == 0, err[-2000:]
+    assert out.startswith("added ") and f"cursor {events[-1]['time_us']} saved" in out
     assert fake.connections == 5
     assert await stream_entries(client, stream) == envelopes_of(events)
 
@@ -313,7 +296,7 @@ async def test_health_turns_503_when_the_source_goes_silent(redis_server, client
         async with running(settings, source) as (ingester, metrics):
             port = free_port()
             async with serving(metrics.registry, ingester.health, port):
-                await until(_length(client, settings.live_stream, 300), what="300 entries")
+                await until(length_at_least(client, settings.live_stream, 300), what="300 entries")
                 assert await get(port, "/ready") == (200, "ready\n")
                 assert (await get(port, "/health"))[0] == 200
                 await asyncio.sleep(0.8)  # the fake keeps the socket open and sends nothing

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from typing import Any
 
 import cbrrr
@@ -29,9 +27,10 @@ from tests.ingest_helpers import (
     cli_env,
     envelopes_of,
     ingest_settings,
+    kill_9_repeatedly,
+    length_at_least,
     running,
     sample,
-    start_cli,
     stream_entries,
     until,
     workload,
@@ -47,13 +46,6 @@ async def client(redis_server):
     redis = aioredis.Redis.from_url(redis_server.url)
     yield redis
     await redis.aclose()
-
-
-def _length(client, stream, n):
-    async def check() -> bool:
-        return await client.xlen(stream) >= n
-
-    return check
 
 
 def _cid(record: dict[str, Any]) -> str:
@@ -125,7 +117,7 @@ async def test_frames_become_envelopes_with_records_as_appview_json(redis_server
     async with FakeRelay(frames=frames, garbage_at={700: CBOR_GARBAGE}) as fake:
         source = RelaySource(settings.replace(relay_url=fake.base_url))
         async with running(settings, source) as (ingester, metrics):
-            await until(_length(client, settings.live_stream, 2004), what="2004 entries")
+            await until(length_at_least(client, settings.live_stream, 2004), what="2004 entries")
     entries = _decoded(await stream_entries(client, settings.live_stream))
     assert entries[:2000] == _as_relay_sends(events)
     post, profile, delete, identity = entries[2000:]
@@ -158,10 +150,10 @@ async def test_resumes_from_its_seq_across_drops_stalls_and_restarts(redis_serve
     async with FakeRelay(events, schedule=schedule) as fake:
         source = RelaySource(settings.replace(relay_url=fake.base_url))
         async with running(settings, source) as (first, _):
-            await until(_length(client, stream, 1500), what="1500")
+            await until(length_at_least(client, stream, 1500), what="1500")
         saved = first.saved.cursor if first.saved else None
         async with running(settings, source) as (_, metrics):
-            await until(_length(client, stream, 3000), what="the rest")
+            await until(length_at_least(client, stream, 3000), what="the rest")
     assert saved == 1500
     assert fake.cursors == [None, 500, 1000, 1500]  # exactly where it was: a relay has no rewind
     seqs = [e["seq"] for e in _decoded(await stream_entries(client, stream))]
@@ -175,7 +167,7 @@ async def test_outdated_and_future_cursors(redis_server, client):
     async with FakeRelay(events, oldest_seq=101) as fake:
         source = RelaySource(settings.replace(relay_url=fake.base_url))
         async with running(settings, source, start_cursor=10) as (_, metrics):
-            await until(_length(client, settings.live_stream, 400), what="from the oldest")
+            await until(length_at_least(client, settings.live_stream, 400), what="from the oldest")
             assert sample(metrics, "ingester_skipped_total", source="relay", reason="info") == 1
         seqs = [e["seq"] for e in _decoded(await stream_entries(client, settings.live_stream))]
         assert seqs == list(range(101, 501))
@@ -237,20 +229,10 @@ async def test_kill_9_while_streaming_loses_nothing_and_repeats_nothing(redis_se
     async with FakeRelay(events) as fake:
         env = cli_env(settings, RELAY_URL=fake.base_url)
         key = cursor_key(stream, fake.url.split("/")[2])
-        for _ in range(3):
-            before = await client.xlen(stream)
-            proc = await start_cli(env, "relay")
-            await until(_length(client, stream, before + 1500), what="progress")
-            proc.kill()
-            await proc.wait()
-            last = msgspec.json.decode((await client.xrevrange(stream, count=1))[0][1][b"event"])
-            assert int(await client.get(key)) == last["seq"]  # never ahead, never behind
-            assert await client.xlen(stream) < len(events)  # killed mid-stream
-        proc = await start_cli(env, "relay")
-        await until(_length(client, stream, len(events)), what="all events")
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 15)
-    assert proc.returncode == 0, err.decode()[-2000:]
+        _, err, code = await kill_9_repeatedly(
+            client, env, "relay", key, kills=3, step=1500, total=len(events), stream=stream
+        )
+    assert code == 0, err[-2000:]
     assert fake.cursors[1:] == sorted(fake.cursors[1:]) and len(fake.cursors) == 4
     seqs = [e["seq"] for e in _decoded(await stream_entries(client, stream))]
     assert seqs == list(range(1, len(events) + 1))
