@@ -49,6 +49,7 @@ class Settings:
     jetstream_rewind_s: float = c.DEFAULT_JETSTREAM_REWIND_S
     ingester_collections: tuple[str, ...] = c.DEFAULT_INGESTER_COLLECTIONS
     ingester_queue_size: int = c.DEFAULT_INGESTER_QUEUE_SIZE
+    ingester_queue_bytes: int = c.DEFAULT_INGESTER_QUEUE_BYTES
     ingester_backoff_s: float = c.DEFAULT_INGESTER_BACKOFF_S
     jetstream_compress: bool = True
 
@@ -72,10 +73,13 @@ class Settings:
             )
         if urlsplit(self.database_url).scheme not in ("postgresql", "postgres"):
             raise ConfigError(f"DATABASE_URL must be postgresql://: {mask_url(self.database_url)}")
-        if self.ingester_queue_size < 1:
-            raise ConfigError(
-                f"INGESTER_QUEUE_SIZE must be at least 1, got {self.ingester_queue_size}"
-            )
+        self._check_ingester()
+
+    def _check_ingester(self) -> None:
+        for var, count in (("INGESTER_QUEUE_SIZE", self.ingester_queue_size),
+                           ("INGESTER_QUEUE_BYTES", self.ingester_queue_bytes)):  # fmt: skip
+            if count < 1:
+                raise ConfigError(f"{var} must be at least 1, got {count}")
         if not 0 < self.low_water_mark_resolved <= self.high_water_mark:
             raise ConfigError(
                 "INGESTER_LOW_WATER_MARK must be between 1 and INGESTER_HIGH_WATER_MARK, "
@@ -138,6 +142,7 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "JETSTREAM_REWIND_S": ("jetstream_rewind_s", float),
     "INGESTER_COLLECTIONS": ("ingester_collections", lambda v: _split(v)),
     "INGESTER_QUEUE_SIZE": ("ingester_queue_size", int),
+    "INGESTER_QUEUE_BYTES": ("ingester_queue_bytes", int),
     "INGESTER_BACKOFF_S": ("ingester_backoff_s", float),
     "JETSTREAM_COMPRESS": ("jetstream_compress", lambda v: _flag(v)),
 }

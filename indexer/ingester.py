@@ -88,6 +88,9 @@ class IngesterMetrics:
             "ingester_stream_backlog", "Undelivered plus pending entries seen last", registry=r
         )
         self.queue = Gauge("ingester_queue_size", "Frames between reader and writer", registry=r)
+        self.queue_bytes = Gauge(
+            "ingester_queue_bytes", "Envelope bytes between reader and writer", registry=r
+        )
         self.connected = Gauge(
             "ingester_connected", "1 while connected to a source", ["source"], registry=r
         )
@@ -131,6 +134,10 @@ class Ingester:
         self._redis = aioredis.Redis.from_url(settings.redis_url, health_check_interval=30)
         self._queue: asyncio.Queue[Frame | None] = asyncio.Queue(settings.ingester_queue_size)
         metrics.queue.set_function(self._queue.qsize)
+        # The queue is bounded in bytes too: a relay frame can be megabytes.
+        self._queued_bytes = 0
+        self._room = asyncio.Event()
+        metrics.queue_bytes.set_function(lambda: self._queued_bytes)
         self._saved_event_time: float | None = None
         metrics.cursor_lag.set_function(self._cursor_lag)
         self._stopping = asyncio.Event()
@@ -154,6 +161,11 @@ class Ingester:
     def queued(self) -> int:
         """Frames read and not yet taken by the writer (bounded by INGESTER_QUEUE_SIZE)."""
         return self._queue.qsize()
+
+    @property
+    def queued_bytes(self) -> int:
+        """Their envelopes' bytes: under INGESTER_QUEUE_BYTES plus one frame."""
+        return self._queued_bytes
 
     def stop(self) -> None:
         """Stop reading; the frames already read are written (signal handlers call this)."""
@@ -311,15 +323,20 @@ class Ingester:
             self._metrics.skip("duplicate", len(frame.envelopes))
             return
         frame.host = host
-        if self._queue.full():  # the writer is behind (or paused): stop reading the socket
+        if self._queue.full() or self._queued_bytes >= self._settings.ingester_queue_bytes:
+            # the writer is behind (or paused): stop reading the socket
             self._paused = True
             try:
+                while self._queued_bytes >= self._settings.ingester_queue_bytes:
+                    self._room.clear()
+                    await self._room.wait()
                 await self._queue.put(frame)
             finally:
                 self._paused = False
             self._heard_at = asyncio.get_running_loop().time()
         else:
             self._queue.put_nowait(frame)
+        self._queued_bytes += frame.size
         self._position = Position(host, frame.cursor)
 
     def _log_bad(self, reason: str, template: str, exc: Exception) -> None:
@@ -350,10 +367,16 @@ class Ingester:
         while size < self._batch_max and not self._queue.empty():
             frame = self._queue.get_nowait()
             if frame is None:
+                self._taken(frames)
                 return frames, True
             frames.append(frame)
             size += len(frame.envelopes)
+        self._taken(frames)
         return frames, False
+
+    def _taken(self, frames: list[Frame]) -> None:
+        self._queued_bytes -= sum(f.size for f in frames)
+        self._room.set()
 
     async def _wait_for_room(self) -> bool:
         """Wait while the backlog is at the high-water mark, until it is under the low one.

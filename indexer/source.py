@@ -21,6 +21,11 @@ class Frame:
     skipped: tuple[str, ...] = ()  # a reason for each event not added (filtered, unknown, ...)
     host: str = ""  # set by the reader
 
+    @property
+    def size(self) -> int:
+        """Bytes of its envelopes: what it holds in memory while queued, roughly."""
+        return sum(len(raw) for _, raw in self.envelopes)
+
 
 class BadFrame(ValueError):
     """A message that cannot be decoded: counted, logged and skipped."""

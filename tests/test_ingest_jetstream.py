@@ -225,6 +225,37 @@ async def test_backpressure_blocks_at_the_high_water_mark_and_releases(redis_ser
     assert await stream_entries(client, stream) == envelopes_of(events)  # none lost, none twice
 
 
+async def test_the_queue_is_bounded_in_bytes_too(redis_server, client):
+    """With room for 10,000 frames but 20,000 bytes, a blocked writer stops the reader at the
+    byte bound (plus the frame in hand at most); released, every event arrives once."""
+    events = workload(5000)
+    settings = ingest_settings(
+        redis_server.url, high_water_mark=500, low_water_mark=250,
+        ingester_queue_size=10_000, ingester_queue_bytes=20_000,
+    )  # fmt: skip
+    stream, group = settings.live_stream, settings.group
+    await client.xgroup_create(stream, group, id="0", mkstream=True)
+    largest = max(len(e) for e in envelopes_of(events))
+    async with FakeJetstream(events) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source) as (ingester, metrics):
+
+            async def full() -> bool:
+                return ingester.queued_bytes >= 20_000
+
+            await until(full, what="the byte bound")
+            await asyncio.sleep(0.5)
+            received = ingester.received
+            await asyncio.sleep(0.5)
+            assert ingester.received == received  # the socket is not read meanwhile
+            assert 20_000 <= ingester.queued_bytes < 20_000 + largest
+            assert ingester.queued < 100  # far under the frame bound
+            assert sample(metrics, "ingester_queue_bytes") == ingester.queued_bytes
+            acked = await _consume(client, stream, group, len(events))
+    assert acked == len(events)
+    assert await stream_entries(client, stream) == envelopes_of(events)  # none lost, none twice
+
+
 async def _consume(client, stream, group, total: int) -> int:
     """Read and ACK as a replica would, until `total` entries were ACKed."""
     acked = 0
@@ -277,6 +308,7 @@ def test_settings_of_the_ingesters():
     )  # fmt: skip
     for env, message in (
         ({"INGESTER_QUEUE_SIZE": "0"}, "INGESTER_QUEUE_SIZE must be at least 1, got 0"),
+        ({"INGESTER_QUEUE_BYTES": "0"}, "INGESTER_QUEUE_BYTES must be at least 1, got 0"),
         ({"INGESTER_LOW_WATER_MARK": "2000000"}, "INGESTER_LOW_WATER_MARK must be between"),
         ({"JETSTREAM_COMPRESS": "maybe"}, "JETSTREAM_COMPRESS has an invalid value: 'maybe'"),
     ):
