@@ -37,6 +37,22 @@ _DELETE_IF_EMPTY = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
+# Reset the idle time of those ids still pending on this consumer (ARGV: group, consumer, ids),
+# and only those: an entry another replica has claimed meanwhile stays with it.
+_TOUCH_IF_MINE = """
+local mine = {}
+for i = 3, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #entry > 0 and entry[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] end
+end
+for i = 1, #mine, 1000 do
+  local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+  for j = i, math.min(i + 999, #mine) do args[#args + 1] = mine[j] end
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
+end
+return #mine
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +152,16 @@ class StreamConsumer:
             entry.deliveries = deliveries.get(entry.id, 1)
         return entries
 
-    async def touch(self, stream: str, ids: list[str]) -> None:
+    async def touch(self, stream: str, ids: list[str]) -> int:
         """Reset the idle time of entries this consumer is working on, so that no other replica
-        claims work in progress; JUSTID does not count a delivery."""
-        if ids:
-            await self._redis.xclaim(stream, self._group, self._consumer, 0, _ids(ids), justid=True)
+        claims work in progress (JUSTID counts no delivery). An entry another replica claimed
+        meanwhile is left with it; returns how many were touched."""
+        if not ids:
+            return 0
+        touched = await self._redis.eval(
+            _TOUCH_IF_MINE, 1, stream, self._group, self._consumer, *ids
+        )
+        return int(touched)
 
     async def remove_consumer(self, stream: str, consumer: str) -> bool:
         """Delete a consumer from the group if, and only if, nothing is pending on it."""

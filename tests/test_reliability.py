@@ -165,3 +165,22 @@ async def test_consumers_removed_when_done_or_long_idle_but_never_with_pending(s
     assert names == {GHOST}  # "me" left cleanly with nothing pending
     assert (await redis.xpending(stream, settings.group))["pending"] == 3
     assert replica.indexed == 2
+
+
+async def test_touch_keeps_entries_in_hand_but_never_takes_back_a_claimed_one(settings, redis):
+    stream = settings.live_stream
+    ids = await push(redis, stream, _likes(3))
+    await StreamConsumer(settings, redis).ensure_groups()
+    mine = StreamConsumer(settings.replace(consumer="a"), redis)
+    await redis.xreadgroup(settings.group, "a", {stream: ">"}, count=3)
+    await asyncio.sleep(0.3)
+    await redis.xclaim(stream, settings.group, "b", 200, [ids[2]])  # another replica took one
+    assert await mine.touch(stream, ids) == 2
+    pending = {
+        p["message_id"].decode(): p
+        for p in await redis.xpending_range(stream, settings.group, "-", "+", 10)
+    }
+    owners = {i: p["consumer"].decode() for i, p in pending.items()}
+    assert owners == {ids[0]: "a", ids[1]: "a", ids[2]: "b"}
+    assert all(pending[i]["time_since_delivered"] < 200 for i in ids[:2])  # idle time reset
+    assert [pending[i]["times_delivered"] for i in ids] == [1, 1, 2]  # touching counts none
