@@ -9,15 +9,14 @@ of the highest rev.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from indexer.db import Connection
-from indexer.plugin import Op, columns
+from indexer.plugin import Kind, Op, columns
 
 if TYPE_CHECKING:
     from indexer.pipeline import Item
 
-Kind = Literal["insert", "update", "delete"]
 
 _INSERT = (
     'INSERT INTO record_state (uri, did, rev, live, "updatedAt") '

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from indexer.aggregates import Deltas
 from indexer.db import Connection
+
+Kind = Literal["insert", "update", "delete"]  # what a change does to a record's typed rows
 
 
 @dataclass(slots=True)
@@ -60,6 +62,15 @@ class Plugin(Protocol):
     async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None: ...
 
     async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None: ...
+
+
+@runtime_checkable
+class Locking(Protocol):
+    """A plugin whose records depend on records of other transactions (posts, gates) also says
+    which uris each change locks, `(uri, exclusive)`: the pipeline takes the locks of a whole
+    batch in one statement before any plugin writes, so two batches never lock in a cycle."""
+
+    def locks(self, op: Op, kind: Kind) -> list[tuple[str, bool]]: ...
 
 
 def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:

@@ -9,7 +9,7 @@ import msgspec
 from indexer.aggregates import Deltas
 from indexer.db import Connection
 from indexer.normalize import normalize_datetime
-from indexer.plugin import Op
+from indexer.plugin import Kind, Op
 from plugins._post_flags import lock_posts, set_gate
 from plugins._rows import RowPlugin
 from plugins.post import POST
@@ -42,6 +42,10 @@ class GatePlugin(RowPlugin):
             op.rejected = "the gated post is not the gate's author's post of the same rkey"
             return None
         return (op.uri, op.cid, op.did, rec.post, normalize_datetime(rec.createdAt), op.indexed_at)
+
+    def locks(self, op: Op, kind: Kind) -> list[tuple[str, bool]]:
+        """The post the gate may gate, shared."""
+        return [(gated_post(op), False)]
 
     async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         await lock_posts(conn, [], [gated_post(op) for op in ops])

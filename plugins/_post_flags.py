@@ -17,26 +17,20 @@ shared when it only depends on it (a reply on its parent, a gate on its post). T
 lock waits for the first to commit, and its next statement sees the first's row; replies to
 one hot post, holding shared locks, do not wait for each other.
 
-Lock order: each plugin call takes all its locks in one statement, in key order, before it
-touches a row (a delete that held a post's row while waiting for its lock could deadlock with
-the lock's holder, about to re-flag that row as a reply of its new post). `posts_added`,
-`posts_removed` and `set_gate` expect the caller to hold the locks already.
+Lock order: the pipeline takes the locks of a whole batch (`PostPlugin.locks`,
+`GatePlugin.locks`) in one statement, in key order, before any plugin touches a row; each plugin
+call takes its own again (a no-op then; it matters to account deletion, which calls `delete`
+directly). A delete that held a post's row while waiting for its lock could deadlock with the
+lock's holder, about to re-flag that row as a reply of its new post; a batch taking its delete
+locks and its insert locks in two statements could deadlock with one doing the crossed deletes
+and replies. `posts_added`, `posts_removed` and `set_gate` expect the caller to hold the locks.
 """
 
 from __future__ import annotations
 
-from typing import Final
-
 from indexer.db import Connection
+from indexer.locks import lock_uris
 
-# The first key of our two-key advisory locks: one lock space for post uris.
-_NS: Final = 0x706F7374
-_LOCK = (
-    f"SELECT CASE WHEN x THEN pg_advisory_xact_lock({_NS}, k) "
-    f"ELSE pg_advisory_xact_lock_shared({_NS}, k) END "
-    "FROM (SELECT hashtext(u) AS k, bool_or(x) AS x "
-    "FROM unnest($1::varchar[], $2::bool[]) AS t(u, x) GROUP BY 1 ORDER BY 1) AS keys"
-)
 _INVALID = (
     'CASE WHEN p.uri IS NOT NULL AND c."replyRoot" IS DISTINCT FROM coalesce(p."replyRoot", p.uri) '
     "THEN true END"
@@ -67,13 +61,9 @@ _ORPHAN_REPLIES = (
 
 async def lock_posts(conn: Connection, written: list[str], depended_on: list[str]) -> None:
     """Until commit: exclusive locks on the posts this transaction inserts or deletes, shared
-    locks on those it depends on, in key order. A transaction whose plugin calls lock in several
-    statements (post deletes, then inserts, then gates) can still meet another in a cycle;
-    PostgreSQL detects it (40P01) and the batch is retried."""
-    uris = [*written, *depended_on]
-    if uris:
-        exclusive = [True] * len(written) + [False] * len(depended_on)
-        await conn.execute(_LOCK, uris, exclusive)
+    locks on those it depends on, in one statement. In a batch the pipeline has taken them all
+    already (`Plugin.locks`), so these only matter to callers outside it (account deletion)."""
+    await lock_uris(conn, [*((u, True) for u in written), *((u, False) for u in depended_on)])
 
 
 async def posts_added(conn: Connection, uris: list[str]) -> None:

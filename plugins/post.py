@@ -12,7 +12,7 @@ from indexer.constants import MAX_TEXT_CHARS
 from indexer.db import Connection
 from indexer.events import StrongRef
 from indexer.normalize import clean_text, normalize_datetime
-from indexer.plugin import Op, columns, sort_at, unnest_insert
+from indexer.plugin import Kind, Op, columns, sort_at, unnest_insert
 from plugins import _feed_item as feed_item
 from plugins import _post_flags as post_flags
 from plugins._embeds import EmbedRows, at_uri_collection, embedded_record, remove_embeds
@@ -111,6 +111,12 @@ class PostPlugin:
 
     def accepts(self, rkey: str) -> bool:
         return True
+
+    def locks(self, op: Op, kind: Kind) -> list[tuple[str, bool]]:
+        """The post itself, exclusive; the parent of a reply written, shared."""
+        reply = op.record.reply if kind != "delete" else None
+        parent = [(clean_text(reply.parent.uri), False)] if reply else []
+        return [(op.uri, True), *parent]
 
     async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         await post_flags.lock_posts(conn, [op.uri for op in ops], _parents(ops))

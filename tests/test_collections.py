@@ -14,7 +14,9 @@ import msgspec
 import pytest
 
 from indexer.aggregates import Deltas
+from indexer.db import Database
 from indexer.metrics import Metrics
+from indexer.pipeline import Pipeline
 from indexer.plugin import Op, outcome_of
 from indexer.replica import Replica
 from plugins import registry
@@ -33,6 +35,7 @@ from tests.helpers import (
     snapshot,
     uri,
 )
+from tests.test_races import GatedDatabase, _batch
 
 LIST = "app.bsky.graph.list"
 LISTITEM = "app.bsky.graph.listitem"
@@ -550,3 +553,37 @@ async def test_post_delete_locks_before_touching_rows(database_url, db):
         (p1, None),
         (uri(3, POST, "s1"), None),
     ]
+
+
+async def test_crossed_post_deletes_and_replies_in_two_batches_do_not_deadlock(
+    settings, db, database_url
+):
+    """Batch A deletes p and replies to q; batch B deletes q and replies to p. A batch takes
+    every post lock it needs in one statement before its first row, so B waits for A whole
+    instead of holding q while A waits for it (a deadlock when each took its delete's locks,
+    then its inserts')."""
+    p, q = uri(1, POST, "p"), uri(2, POST, "q")
+    database = Database(settings)
+    await database.open()
+    try:
+        plain = Pipeline(database, registry())
+        await plain.process(_batch(create(1, POST, "p", post_record(), 1),
+                                   create(2, POST, "q", post_record(), 1)))  # fmt: skip
+        gate = GatedDatabase(database_url, pause_at="DELETE FROM post ")
+        paused = Pipeline(gate, registry())  # type: ignore[arg-type]
+        a = asyncio.create_task(paused.process(_batch(
+            delete(1, POST, "p", 2), create(3, POST, "r1", reply(q, q), 2))))  # fmt: skip
+        await asyncio.wait_for(gate.reached.wait(), 10)  # A is about to delete p
+        b = asyncio.create_task(plain.process(_batch(
+            delete(2, POST, "q", 2), create(4, POST, "r2", reply(p, p), 2))))  # fmt: skip
+        await asyncio.sleep(0.3)
+        gate.go.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(a, b), 20)
+    finally:
+        await database.close()
+    assert [len(o.done) for o in outcomes] == [2, 2]
+    assert await rows(db, 'SELECT uri, "invalidReplyRoot" FROM post ORDER BY uri') == [
+        (uri(3, POST, "r1"), None),
+        (uri(4, POST, "r2"), None),
+    ]
+    await assert_no_drift(db)
