@@ -131,7 +131,7 @@ async def load_suffixed_copies(dsn: str, dumps: list[TableDump], copies: int) ->
             suffix = rb"did:plc:\g<1>" + f"{GROWN_MARK}{n}".encode()
             for d in dumps:
                 data = _DID.sub(suffix, d.data)
-                if d.table == "actor":  # handles are unique too
+                if d.table in ("actor", "account_state"):  # handles (and claims) are unique too
                     data = data.replace(b".bsky.social", f".g{n}.bsky.social".encode())
                 await conn.copy_to_table(
                     d.table, source=io.BytesIO(data), columns=d.columns, format="text"

@@ -3,12 +3,13 @@
 Each of these events carries an order key, `<event time>#<seq>`, and only the newest per did
 changes anything, so replays and any delivery order end in the same rows:
 
-- `identity`: `actor.handle` (lowercased; null clears it). A handle held by another actor is
-  taken from it only if this event is newer than the one that gave it that handle; otherwise
-  this actor's handle becomes null. Claims of one handle by concurrent batches serialize on a
-  transaction-level advisory lock per handle (the unique index would otherwise refuse one);
-  the holder loses the handle only if it still has it when the claim commits (it may have
-  moved to another handle meanwhile, under that handle's lock, in another batch).
+- `identity`: the did claims the handle its newest identity event names (lowercased; none
+  clears it), recorded in `account_state.claim`; `actor.handle` follows the claims: each handle
+  goes to its newest claimant, so a handle freed by a move or a deletion goes to the next
+  newest claimant, whatever the order and batching of the events. A batch locks its dids'
+  state rows first (in did order), then, after moving their claims, the handles they touch
+  (advisory locks in key order), and gives each of those handles to its holder afresh: claims
+  of one handle by concurrent batches serialize, and the unique index is never hit.
 - `account`: `actor."upstreamStatus"`, as the AppView records it: null when active, else the
   status (`takendown`, `suspended`, `deactivated`, ...). Rows are kept.
 - `account` with status `deleted`: status `deleted`, handle cleared, and the fence
@@ -29,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from asyncpg import Record
+
 from indexer.constants import MAX_CID_CHARS, MAX_SHORT_CHARS
 from indexer.db import Connection
 from indexer.events import Account, Identity, Repo
@@ -38,33 +41,49 @@ from indexer.plugin import columns
 DELETED: Final = "deleted"
 _HANDLE_LOCK: Final = 0x1DE8_0002  # pg_advisory_xact_lock(namespace, hashtext(handle))
 
-_NEWER_HANDLES = (
-    'INSERT INTO account_state (did, "handleKey") '
+_NEWER_KEYS = (
+    'INSERT INTO account_state (did, "statusKey") '
     "SELECT * FROM unnest($1::varchar[], $2::varchar[]) ORDER BY 1 "
-    'ON CONFLICT (did) DO UPDATE SET "handleKey" = excluded."handleKey" '
-    'WHERE account_state."handleKey" IS NULL OR account_state."handleKey" < excluded."handleKey" '
+    'ON CONFLICT (did) DO UPDATE SET "statusKey" = excluded."statusKey" '
+    'WHERE account_state."statusKey" IS NULL OR account_state."statusKey" < excluded."statusKey" '
     "RETURNING did"
-)
-_HANDLE_KEYS = (
-    'SELECT did, "handleKey" FROM account_state WHERE did = ANY($1::varchar[]) '
-    "ORDER BY did FOR UPDATE"
 )
 # One round trip: the newer status keys recorded, and the statuses of those dids set.
 _STATUSES = (
-    "WITH won AS ("
-    + _NEWER_HANDLES.replace('"handleKey"', '"statusKey"')
-    + '), moved AS (UPDATE actor a SET "upstreamStatus" = s.status '
+    "WITH won AS (" + _NEWER_KEYS + '), moved AS (UPDATE actor a SET "upstreamStatus" = s.status '
     "FROM won JOIN unnest($1::varchar[], $3::varchar[]) AS s(did, status) ON s.did = won.did "
     "WHERE a.did = won.did) SELECT did FROM won"
 )
-_HOLDER = (
-    'SELECT a.did, s."handleKey" AS key FROM actor a LEFT JOIN account_state s ON s.did = a.did '
-    "WHERE a.handle = $1 AND a.did <> $2"
+# Every did of the batch's identity and account events gets its state row, then all of them are
+# locked in did order, first thing: the rest of the account phase changes only locked rows.
+_ENSURE_STATES = (
+    "INSERT INTO account_state (did) SELECT * FROM unnest($1::varchar[]) ORDER BY 1 "
+    "ON CONFLICT (did) DO NOTHING"
 )
-_SET_HANDLE = "UPDATE actor SET handle = $2 WHERE did = $1"
-# Only while the holder still has it: the holder may move to another handle in a concurrent
-# batch (under that handle's lock, not this one's); its new handle must survive this clear.
-_TAKE_HANDLE = "UPDATE actor SET handle = NULL WHERE did = $1 AND handle = $2"
+_LOCK_STATES = (
+    'SELECT s.did, s."handleKey", s.claim, a.handle FROM account_state s '
+    "LEFT JOIN actor a ON a.did = s.did WHERE s.did = ANY($1::varchar[]) "
+    "ORDER BY s.did FOR UPDATE OF s"
+)
+_SET_CLAIMS = (
+    'UPDATE account_state s SET "handleKey" = c.key, claim = c.claim '
+    "FROM unnest($1::varchar[], $2::varchar[], $3::varchar[]) AS c(did, key, claim) "
+    "WHERE s.did = c.did"
+)
+# Who holds each handle: its newest claimant (order key, then did), if any.
+_WINNERS = (
+    "SELECT DISTINCT ON (claim) claim, did FROM account_state "
+    'WHERE claim = ANY($1::varchar[]) ORDER BY claim, "handleKey" DESC, did DESC'
+)
+# First every other actor gives the handle up, then its holder takes it (the unique index).
+_CLEAR_HANDLES = (
+    "UPDATE actor a SET handle = NULL FROM unnest($1::varchar[], $2::varchar[]) AS w(h, did) "
+    "WHERE a.handle = w.h AND a.did IS DISTINCT FROM w.did"
+)
+_GIVE_HANDLES = (
+    "UPDATE actor a SET handle = w.h FROM unnest($1::varchar[], $2::varchar[]) AS w(h, did) "
+    "WHERE a.did = w.did AND a.handle IS DISTINCT FROM w.h"
+)
 _LOCK_HANDLES = (  # in lock-key order, so concurrent batches cannot deadlock on them
     "SELECT pg_advisory_xact_lock($1, k) "
     "FROM (SELECT DISTINCT hashtext(h) AS k FROM unnest($2::varchar[]) AS h ORDER BY 1) AS c"
@@ -123,7 +142,8 @@ async def apply_account_ops(conn: Connection, ops: list[AccountOp]) -> set[int]:
     if not ops:
         return set()
     applied: set[int] = set()
-    applied |= await _handles(conn, ops)
+    states = await _lock_states(conn, ops)
+    applied |= await _handles(conn, ops, states)
     applied |= await _statuses(conn, ops)
     applied |= await _fences(conn, ops)
     applied |= await _repos(conn, ops)
@@ -150,10 +170,14 @@ def _newest(ops: list[AccountOp]) -> dict[str, AccountOp]:
     return best
 
 
-async def _winners(conn: Connection, sql: str, newest: dict[str, AccountOp]) -> set[str]:
-    """Record each did's order key where it is newer; the dids whose key moved."""
-    rows = sorted((did, op.key) for did, op in newest.items())
-    return {r["did"] for r in await conn.fetch(sql, *columns(rows, 2))}
+async def _lock_states(conn: Connection, ops: list[AccountOp]) -> dict[str, Record]:
+    """Lock the state rows of the identity and account events' dids (made if missing), in did
+    order; each with its order key, its claimed handle and the handle its actor has now."""
+    dids = sorted({op.did for op in ops if isinstance(op.event, (Identity, Account))})
+    if not dids:
+        return {}
+    await conn.execute(_ENSURE_STATES, dids)
+    return {r["did"]: r for r in await conn.fetch(_LOCK_STATES, dids)}
 
 
 def _handle_of(op: AccountOp) -> str | None:
@@ -162,41 +186,35 @@ def _handle_of(op: AccountOp) -> str | None:
     return None  # an identity without a handle, or a deletion: the handle is cleared
 
 
-async def _handles(conn: Connection, ops: list[AccountOp]) -> set[int]:
+async def _handles(conn: Connection, ops: list[AccountOp], states: dict[str, Record]) -> set[int]:
+    """Each did claims the handle of its newest identity event (a deletion claims none); a
+    handle goes to its newest claimant. Only claims move here; then every handle they touch
+    (claimed before or now, or held now) is given to its holder afresh, under its lock."""
     claims = [
         op
         for op in ops
         if isinstance(op.event, Identity)
         or (isinstance(op.event, Account) and op.event.status == DELETED)
     ]
-    newest = _newest(claims)
-    if not newest:
+    won = {
+        did: op
+        for did, op in _newest(claims).items()
+        if states[did]["handleKey"] is None or op.key > states[did]["handleKey"]
+    }
+    if not won:
         return set()
-    # The key that gave each did of the batch its current handle: until its own op below is
-    # applied, a holder in this batch holds its handle by its key from before the batch.
-    gave: dict[str, str | None] = dict.fromkeys(newest)
-    claimed = sorted({h for op in newest.values() if (h := _handle_of(op))})
-    if claimed:
-        await conn.execute(_LOCK_HANDLES, _HANDLE_LOCK, claimed)
-        rows = await conn.fetch(_HANDLE_KEYS, sorted(newest))
-        gave |= {r["did"]: r["handleKey"] for r in rows}
-    won = await _winners(conn, _NEWER_HANDLES, newest)
-    applied = set()
-    for did, op in sorted(newest.items(), key=lambda r: r[1].key):
-        if did not in won:
-            continue
-        handle: str | None = _handle_of(op)
-        if handle is not None:
-            holder = await conn.fetchrow(_HOLDER, handle, did)
-            key = None if holder is None else gave.get(holder["did"], holder["key"])
-            if key is not None and key > op.key:
-                handle = None  # a newer event gave this handle to another account
-            elif holder is not None:
-                await conn.execute(_TAKE_HANDLE, holder["did"], handle)
-        await conn.execute(_SET_HANDLE, did, handle)
-        gave[did] = op.key
-        applied.add(id(op))
-    return applied
+    rows = sorted((did, op.key, _handle_of(op)) for did, op in won.items())
+    await conn.execute(_SET_CLAIMS, *columns(rows, 3))
+    touched = {states[did]["claim"] for did in won} | {states[did]["handle"] for did in won}
+    touched |= {claim for _, _, claim in rows}
+    handles = sorted(h for h in touched if h)
+    if handles:
+        await conn.execute(_LOCK_HANDLES, _HANDLE_LOCK, handles)
+        winners = {r["claim"]: r["did"] for r in await conn.fetch(_WINNERS, handles)}
+        holders = [winners.get(h) for h in handles]
+        await conn.execute(_CLEAR_HANDLES, handles, holders)
+        await conn.execute(_GIVE_HANDLES, handles, holders)
+    return {id(op) for op in won.values()}
 
 
 async def _statuses(conn: Connection, ops: list[AccountOp]) -> set[int]:

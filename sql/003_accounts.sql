@@ -3,13 +3,18 @@
 -- Accounts, identities and counter repair. Additions only: no AppView table or column changes.
 
 -- The order keys ("<event time>#<seq>") of the newest identity and account event applied per
--- did, so that a replayed or late event never overwrites a newer handle or status.
+-- did, so that a replayed or late event never overwrites a newer handle or status, and the
+-- handle that identity event names (claim; null for none or a deleted account). actor.handle
+-- is a function of the claims: each handle goes to its newest claimant, whatever the order.
 CREATE TABLE IF NOT EXISTS account_state (
     did             varchar NOT NULL,
     "handleKey"     varchar,
     "statusKey"     varchar,
+    claim           varchar,
     CONSTRAINT account_state_pkey PRIMARY KEY (did)
 );
+CREATE INDEX IF NOT EXISTS account_state_claim_idx ON account_state (claim, "handleKey")
+    WHERE claim IS NOT NULL;
 
 -- One row per deleted account: the event time of its newest deletion. A record event of that
 -- account not newer than "deletedAt" is applied as a delete (guarantee 3). pending = true until

@@ -6,6 +6,7 @@ import asyncio
 import random
 from typing import Any
 
+import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
@@ -189,3 +190,8 @@ def unindexable_uri() -> str:
     """A uri only PostgreSQL can refuse: too big for a btree index row, even compressed."""
     noise = random.Random(1)
     return "at://" + "".join(chr(noise.randrange(0x4E00, 0x9FFF)) for _ in range(2900))
+
+
+async def rows(db: asyncpg.Connection, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of a query as sorted tuples."""
+    return sorted(tuple(r) for r in await db.fetch(sql))

@@ -4,6 +4,7 @@ with exact counters, and late events of a deleted account that must not bring an
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import Counter
 from typing import Any
 
@@ -38,6 +39,7 @@ from tests.helpers import (
     push,
     repost_record,
     rev,
+    rows,
     snapshot,
     uri,
 )
@@ -424,5 +426,38 @@ async def test_a_claim_and_the_holders_move_in_one_batch_end_as_in_two(settings,
                 await pipeline.process(_batch(*events))
             rows = await db.fetch("SELECT did, handle FROM actor ORDER BY did")
             assert [r["handle"] for r in rows] == ["h1.example", "h2.example"], batches
+    finally:
+        await database.close()
+
+
+async def test_a_freed_handle_goes_to_its_newest_remaining_claimant_in_any_order(settings, db):
+    """Handles follow the newest claims, however the events are ordered and batched: account 1's
+    older claim of h1 wins it once 2 moves on to h2; 3's claim of h2 loses to 2's newer one;
+    4's deletion frees h3 for 5."""
+    t0, t1, t2, t3 = (f"2024-11-19T0{h}:00:00.000Z" for h in (5, 6, 7, 8))
+    events = [
+        identity(2, "h1.example", t1),
+        identity(1, "h1.example", t0),
+        identity(2, "h2.example", t3),
+        identity(3, "h2.example", t2),
+        identity(4, "h3.example", t1),
+        account(4, "deleted", time=t2),
+        identity(5, "h3.example", t0),
+    ]
+    expected = [(did(1), "h1.example"), (did(2), "h2.example"), (did(3), None), (did(4), None),
+                (did(5), "h3.example")]  # fmt: skip
+    database = await _open(settings)
+    try:
+        pipeline = Pipeline(database, registry())
+        for seed in range(8):
+            shuffled = events[:]
+            random.Random(seed).shuffle(shuffled)
+            cuts = sorted(random.Random(seed + 100).sample(range(1, len(events)), seed % 4))
+            batches = [shuffled[a:b] for a, b in zip([0, *cuts], [*cuts, len(events)], strict=True)]
+            for batch in batches:
+                await pipeline.process(_batch(*batch))
+            got = await rows(db, "SELECT did, handle FROM actor ORDER BY did")
+            assert got == expected, (seed, [[e["did"][-1] for e in b] for b in batches])
+            await db.execute("TRUNCATE actor, account_state, account_fence")
     finally:
         await database.close()

@@ -32,6 +32,7 @@ from tests.helpers import (
     drain_replicas,
     post_record,
     push,
+    rows,
     snapshot,
     uri,
 )
@@ -75,10 +76,6 @@ def reply(root: str, parent: str) -> dict[str, Any]:
 
 def post_with(embed: dict[str, Any]) -> dict[str, Any]:
     return post_record("embeds") | {"embed": embed}
-
-
-async def rows(db: asyncpg.Connection, sql: str) -> list[tuple[Any, ...]]:
-    return sorted(tuple(r) for r in await db.fetch(sql))
 
 
 async def index_in_any_order(
