@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -81,10 +82,15 @@ class Database:
             url = mask_url(self._settings.database_url)
             raise ConnectionError(f"cannot connect to PostgreSQL at {url}: {exc}") from None
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Close the pool once its connections are released; past `timeout_s` (a stuck task
+        still holds one) asyncpg terminates them, so a shutdown deadline stays a deadline."""
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), timeout_s)
+            except TimeoutError:
+                log.warning("connections still in use after %gs; terminated", timeout_s)
 
     @property
     def is_open(self) -> bool:
@@ -97,10 +103,11 @@ class Database:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
         """A pooled connection; waits at most `acquire_timeout_s` for one."""
+        pool = self._pool  # released to the pool it came from, even if closed meanwhile
         self.waiting += 1
         started = time.monotonic()
         try:
-            conn = await self._pool.acquire(timeout=self._settings.acquire_timeout_s)
+            conn = await pool.acquire(timeout=self._settings.acquire_timeout_s)
         finally:
             self.waiting -= 1
             if self._observe_acquire is not None:
@@ -116,7 +123,7 @@ class Database:
             raise
         finally:
             self.in_use -= 1
-            await self._pool.release(conn)
+            await pool.release(conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:

@@ -22,8 +22,16 @@ import random
 import time
 from datetime import datetime
 
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from indexer.config import Settings
@@ -44,10 +52,16 @@ _MAX_BACKOFF_S = 10.0
 _SETTLE_DEADLINE_S = 5.0
 _MAX_SWEEP_INTERVAL_S = 30.0
 _HARD_DEADLINE_S = 10.0
-# Error replies that pass: a replica during failover, memory full, a cluster moving, a stream
-# or group that vanished (recreated by ensure_groups).
+# Error replies that pass: failover (READONLY, MASTERDOWN; UNBLOCKED to a blocked read when the
+# server turns replica or the stream goes away), memory or disk full (OOM, MISCONF), a busy
+# script (BUSY), a cluster moving (TRYAGAIN, CLUSTERDOWN), a stream or group that vanished
+# (NOGROUP: recreated by ensure_groups). redis-py raises some of them as their own classes, with
+# the prefix cut off the message.
+_TRANSIENT_CLASSES = (ReadOnlyError, OutOfMemoryError, TryAgainError, MasterDownError,
+                      ClusterDownError)  # fmt: skip
 _TRANSIENT_REPLIES = ("READONLY", "OOM", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "LOADING",
-                      "NOGROUP")  # fmt: skip
+                      "NOGROUP", "UNBLOCKED", "MISCONF", "BUSY")  # fmt: skip
+_VANISHED = ("NOGROUP", "no longer exists")
 
 
 class Replica:
@@ -214,9 +228,9 @@ class Replica:
         """A Redis failure while `doing`: wait a second if it passes, raise if it is a bug."""
         if not _redis_transient(exc):
             raise exc
-        log.warning("redis unavailable while %s (%s); retrying in 1s", doing, exc)
-        await asyncio.sleep(1.0)
-        if "NOGROUP" in str(exc):
+        log.warning("redis unavailable while %s (%s); retrying in about 1s", doing, exc)
+        await asyncio.sleep(random.uniform(0.5, 1.5))  # jitter: replicas do not retry in step
+        if any(words in str(exc) for words in _VANISHED):
             with contextlib.suppress(RedisError, OSError):
                 await self._consumer.ensure_groups()
 
@@ -374,7 +388,7 @@ class Replica:
                     raise
                 attempt += 1
                 log.warning("ACK failed (%s); retry %d", exc, attempt)
-                await asyncio.sleep(min(_MAX_BACKOFF_S, 0.1 * 2**attempt))
+                await asyncio.sleep(min(_MAX_BACKOFF_S, 0.1 * 2**attempt) * random.uniform(0.5, 1))
 
     def _record(self, outcome: Outcome) -> None:
         for (collection, operation, result), n in outcome.counts.items():
@@ -401,7 +415,7 @@ async def _wait_for(event: asyncio.Event, timeout_s: float) -> bool:
 
 def _redis_transient(exc: BaseException) -> bool:
     """Redis is down, restarting, failing over or out of memory: wait, never give up."""
-    if isinstance(exc, _REDIS_DOWN):
+    if isinstance(exc, (*_REDIS_DOWN, *_TRANSIENT_CLASSES)):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
 

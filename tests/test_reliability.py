@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import pytest
+from redis._parsers import BaseParser
 
+from indexer.db import Database
 from indexer.metrics import Metrics
-from indexer.replica import Replica
+from indexer.replica import Replica, _redis_transient
 from indexer.stream import StreamConsumer
 from plugins import registry
 from tests.helpers import (
@@ -184,3 +187,102 @@ async def test_touch_keeps_entries_in_hand_but_never_takes_back_a_claimed_one(se
     assert owners == {ids[0]: "a", ids[1]: "a", ids[2]: "b"}
     assert all(pending[i]["time_since_delivered"] < 200 for i in ids[:2])  # idle time reset
     assert [pending[i]["times_delivered"] for i in ids] == [1, 1, 2]  # touching counts none
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "READONLY You can't write against a read only replica.",
+        "OOM command not allowed when used memory > 'maxmemory'.",
+        "TRYAGAIN Multiple keys request during rehashing of slot",
+        "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+        "CLUSTERDOWN The cluster is down",
+        "LOADING Redis is loading the dataset in memory",
+        "NOGROUP No such key 'firehose_live' or consumer group 'indexer'",
+        "UNBLOCKED force unblock from blocking operation, instance state changed",
+        "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist",
+        "BUSY Redis is busy running a script.",
+    ],
+)
+def test_redis_replies_of_an_outage_are_transient(reply):
+    # the exception redis-py raises for the reply (some classes cut the prefix off the message)
+    assert _redis_transient(BaseParser.parse_error(reply))
+
+
+@pytest.mark.parametrize(
+    "reply", ["ERR unknown command 'XFOO'", "WRONGTYPE Operation against a key"]
+)
+def test_redis_replies_of_a_bug_are_not_transient(reply):
+    assert not _redis_transient(BaseParser.parse_error(reply))
+
+
+async def test_unblocked_reads_and_a_full_redis_are_waited_out(settings, redis):
+    """A blocked read answered UNBLOCKED (as when the server turns replica), then a dead letter
+    refused for memory (OOM): the replica waits both out and settles the entry afterwards."""
+    stream = settings.live_stream
+    await StreamConsumer(settings, redis).ensure_groups()
+    replica = Replica(settings.replace(consumer="r", block_ms=5000), registry(), Metrics())
+    task = asyncio.create_task(replica.run())
+    try:
+        blocked: list[int] = []
+        for _ in range(200):
+            clients = await redis.client_list()
+            blocked = [int(c["id"]) for c in clients if c.get("cmd") == "xreadgroup"]
+            if blocked:
+                break
+            await asyncio.sleep(0.05)
+        assert blocked
+        for client_id in blocked:
+            await redis.execute_command("CLIENT", "UNBLOCK", client_id, "ERROR")
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        await redis.xadd(stream, {"event": b"{not json"})
+        await redis.config_set("maxmemory", 1)  # every command that needs memory is refused
+        try:
+            await asyncio.sleep(1.5)
+            assert not task.done()
+            assert await redis.xlen(f"{stream}:dlq") == 0  # not yet: refused
+        finally:
+            await redis.config_set("maxmemory", 0)
+        for _ in range(100):
+            if await redis.xlen(f"{stream}:dlq") == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await redis.xlen(f"{stream}:dlq") == 1
+        assert (await redis.xpending(stream, settings.group))["pending"] == 0
+    finally:
+        replica.stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def test_a_claim_never_takes_an_entry_another_replica_claimed_meanwhile(settings, redis):
+    """Recovery claims its own entries with min-idle 0 from a pending list read earlier: one that
+    another replica took over since then stays with it, the others come back with their events."""
+    stream = settings.live_stream
+    ids = await push(redis, stream, _likes(3))
+    await StreamConsumer(settings, redis).ensure_groups()
+    mine = StreamConsumer(settings.replace(consumer="a"), redis)
+    await redis.xreadgroup(settings.group, "a", {stream: ">"}, count=3)
+    pending = await mine.idle_pending(stream, 0, 10, "a")
+    assert [p.consumer for p in pending] == ["a", "a", "a"]
+    await redis.xclaim(stream, settings.group, "b", 0, [ids[1]])  # another replica took one
+    claimed = await mine.claim(stream, pending, 0)
+    assert [e.id for e in claimed] == [ids[0], ids[2]]
+    assert all(e.raw is not None and b"app.bsky.feed.like" in e.raw for e in claimed)
+    assert [e.deliveries for e in claimed] == [2, 2]
+    owners = {
+        p["message_id"].decode(): p["consumer"].decode()
+        for p in await redis.xpending_range(stream, settings.group, "-", "+", 10)
+    }
+    assert owners == {ids[0]: "a", ids[1]: "b", ids[2]: "a"}
+
+
+async def test_closing_the_pool_is_bounded_even_with_a_connection_held(settings):
+    """A stuck task holding a connection cannot keep a replica past its shutdown deadline."""
+    database = Database(settings)
+    await database.open()
+    async with database.connection() as conn:
+        await asyncio.wait_for(database.close(timeout_s=0.5), 5)
+        assert not database.is_open
+        with pytest.raises(asyncpg.InterfaceError):
+            await conn.fetchval("SELECT 1")  # terminated
