@@ -40,6 +40,12 @@ INGESTER_BACKOFF_MAX_S = 30.0
 INGESTER_BACKPRESSURE_POLL_S = 0.2
 JETSTREAM_MAX_MESSAGE_BYTES = 2**20  # after decompression
 RELAY_MAX_FRAME_BYTES = 5 * 2**20  # a commit carries 2 MiB of blocks at most
+# A message over its source's limit is still read whole (up to this), then skipped and counted:
+# closing the socket instead would resume before it and read it again after every reconnect.
+INGESTER_SOCKET_MAX_BYTES = 16 * 2**20
+# A Jetstream time_us further ahead of our clock than this is bad (its clock and ours cannot be
+# an hour apart): saved as the cursor, it would resume the stream in the future.
+JETSTREAM_MAX_AHEAD_S = 3600.0
 RELAY_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
 
 # Reliability: reclaiming, dead-lettering, trimming, consumers, start-up.

@@ -6,11 +6,13 @@ reading the socket, so TCP pushes back on the server. One writer task takes fram
 waits while the stream's backlog is above the high-water mark, and adds a batch of envelopes and
 the cursor of its last frame in one MULTI, so the saved cursor never runs ahead of the stream.
 
-Positions: a source's cursor is an int that grows along its stream (Jetstream `time_us`, the
-relay `seq`), saved per source host under `<stream>:cursor:<host>`. The reader remembers the
-last position it queued; after a reconnect it skips frames at or before it from the same host,
-because those are already queued or written (a host sends its stream in cursor order). Another
-host numbers its stream differently, so its overlap is written, and absorbed by the indexer.
+Positions (`indexer.source.Position`): a host's own sequence (the relay `seq`, a Jetstream v2
+`cursor`), an event time (Jetstream `time_us`), or both, saved per source host under
+`<stream>:cursor:<host>`. The source says which cursor to resume from on which URL: a sequence
+only on the host that numbered it. The reader remembers the last position it queued; after a
+reconnect it skips frames at or before it from the same host, because those are already queued
+or written (a host sends its stream in order). Another host numbers and stamps its stream
+differently, so its overlap is written, and absorbed by the indexer.
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ import random
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -38,10 +39,20 @@ from indexer.constants import (
     EVENT_FIELD,
     INGESTER_BACKOFF_MAX_S,
     INGESTER_BACKPRESSURE_POLL_S,
+    INGESTER_SOCKET_MAX_BYTES,
     cursor_key,
 )
 from indexer.health import Health
-from indexer.source import BadFrame, Frame, Source, SourceError
+from indexer.source import (
+    BadFrame,
+    CursorAhead,
+    Frame,
+    Position,
+    Source,
+    SourceError,
+    TooBig,
+    host_of,
+)
 from indexer.startup import wait_for_redis
 
 log = logging.getLogger(__name__)
@@ -105,13 +116,6 @@ class IngesterMetrics:
         self.skipped.labels(self.source, reason).inc(count)
 
 
-class Position(NamedTuple):
-    """Where a source's stream was read to: its host and cursor."""
-
-    host: str
-    cursor: int
-
-
 class Ingester:
     """Reads one source into the live stream until stopped."""
 
@@ -145,9 +149,14 @@ class Ingester:
         # A batch overshoots the high-water mark by a tenth of it at most.
         self._batch_max = max(1, min(DEFAULT_INGEST_BATCH, settings.high_water_mark // 10))
         self._position: Position | None = None  # the last position queued (reader side)
+        # Where the current connection resumed: frames at or before it repeat what was queued
+        # before (the rewind's overlap); past the first newer frame the check is off, so one
+        # odd position cannot make the rest of a connection look like repeats.
+        self._overlap: Position | None = None
         self._bad_logged: Tally[str] = Tally()
-        # The current connection: messages read, when the last came, whether the reader waits
-        # on the queue, whether the watchdog closed it.
+        # The current connection: frames queued (only they reset the reconnect backoff), when
+        # the last message came, whether the reader waits on the queue, whether the watchdog
+        # closed it.
         self._delivered = 0
         self._heard_at = 0.0
         self._paused = False
@@ -191,16 +200,21 @@ class Ingester:
     # -- start and stop ---------------------------------------------------------------------------
 
     async def _load_cursor(self) -> None:
-        """Resume from `--cursor`, else from the newest cursor saved for one of the hosts."""
+        """Start exactly at `--cursor`, else resume from the newest position saved for a host."""
         if self._start_cursor is not None:
-            self._position = Position("", self._start_cursor)
+            log.info("starting at cursor %d", self._start_cursor)
             return
-        hosts = [_host(url) for url in self._source.urls]
+        hosts = [host_of(url) for url in self._source.urls]
         values = await self._redis.mget([cursor_key(self._stream, h) for h in hosts])
-        saved = [Position(h, int(v)) for h, v in zip(hosts, values, strict=True) if v]
+        saved = [
+            self._source.saved_position(h, _text(v))
+            for h, v in zip(hosts, values, strict=True)
+            if v
+        ]
         if saved:
-            self._position = self.saved = max(saved, key=lambda p: p.cursor)
-            log.info("resuming from cursor %d saved for %s", self.saved.cursor, self.saved.host)
+            # Newest by event time: sequences of different hosts do not compare.
+            self._position = self.saved = max(saved, key=_recency)
+            log.info("resuming from %s saved for %s", self.saved.saved_value(), self.saved.host)
 
     async def _shutdown(self, reader: asyncio.Task[None], writer: asyncio.Task[None]) -> None:
         """Stop the reader, let the writer add what was read (within the grace), then stop it."""
@@ -235,16 +249,21 @@ class Ingester:
             await asyncio.sleep(ceiling * random.uniform(0.5, 1.0))
 
     async def _read_connection(self, url: str) -> tuple[int, str, str]:
-        """Read one connection until it fails: the messages read, why it ended, and the detail."""
-        cursor = self._position.cursor if self._position else None
+        """Read one connection until it fails: the frames queued, why it ended, and the detail."""
+        if self._position is not None:
+            cursor = self._source.resume_cursor(url, self._position)
+        else:
+            cursor = self._start_cursor  # exactly there: `--cursor`, or None (live)
         target = self._source.subscribe_url(url, cursor)
         self._delivered, self._stalled, opened = 0, False, False
+        self._overlap = self._position
         try:
             async with connect(
                 target,
                 proxy=None,
                 compression=None,
-                max_size=self._source.max_message_bytes,
+                # Read an oversized message whole, to skip it: a close would re-read it forever.
+                max_size=max(INGESTER_SOCKET_MAX_BYTES, self._source.max_message_bytes),
                 open_timeout=self._settings.ingester_stall_timeout_s,
                 close_timeout=1,
             ) as ws:
@@ -253,7 +272,7 @@ class Ingester:
                 self.health.set_check("source", True)
                 self.health.progressed()
                 log.info("connected to %s", mask_url(target))
-                await self._read_messages(ws, _host(url))
+                await self._read_messages(ws, host_of(url))
         except ConnectionClosed as exc:
             if self._stalled:
                 reason = "stalled"
@@ -267,7 +286,7 @@ class Ingester:
             self._metrics.connected.labels(self._source.name).set(0)
             self.health.set_check("source", False, f"{mask_url(url)}: disconnected")
         delivered = self._delivered
-        log.warning("%s %s after %d messages: %s", mask_url(url), reason, delivered, detail)
+        log.warning("%s %s after %d frames queued: %s", mask_url(url), reason, delivered, detail)
         return delivered, reason, detail
 
     async def _read_messages(self, ws: ClientConnection, host: str) -> None:
@@ -280,7 +299,6 @@ class Ingester:
                 message = await ws.recv(decode=False)
                 self._heard_at = loop.time()
                 self.health.progressed()
-                self._delivered += 1
                 self.received += 1
                 await self._take(message if isinstance(message, bytes) else message.encode(), host)
         finally:
@@ -303,26 +321,59 @@ class Ingester:
 
     async def _take(self, message: bytes, host: str) -> None:
         """Decode a message and queue its frame, unless it repeats what is already queued."""
+        frame = self._decode(message, host)
+        if frame is None or (frame.seq is None and frame.time_us is None):
+            return
+        position = Position(host, frame.seq, frame.time_us)
+        if self._overlap is not None:
+            if position.repeats(self._overlap):
+                self._metrics.skip("duplicate", len(frame.envelopes))
+                return
+            self._overlap = None
+        frame.position = position
+        await self._put(frame)
+        self._position = position
+        self._delivered += 1
+
+    def _decode(self, message: bytes, host: str) -> Frame | None:
+        """The message's frame, its skipped events counted; None for a message skipped whole."""
         try:
+            if len(message) > self._source.max_message_bytes:
+                raise TooBig(f"message of {len(message)} bytes is over the limit")
             frame = self._source.decode(message)
+        except TooBig as exc:
+            self._skip_bad("too_big", "oversized message skipped: %s", exc)
+            return None
         except BadFrame as exc:
-            self._log_bad("bad_frame", "undecodable message skipped: %s", exc)
-            self._metrics.skip("bad_frame")
-            return
+            self._skip_bad("bad_frame", "undecodable message skipped: %s", exc)
+            return None
+        except CursorAhead as exc:
+            self._cursor_ahead(host, exc)
+            return None
         except SourceError as exc:
-            self._log_bad("error", "the server reported an error: %s", exc)
-            self._metrics.skip("error")
-            return
-        if frame.skipped:
-            for reason, count in Tally(frame.skipped).items():
-                self._metrics.skip(reason, count)
-        if frame.cursor is None:
-            return
-        last = self._position
-        if last is not None and last.host == host and frame.cursor <= last.cursor:
-            self._metrics.skip("duplicate", len(frame.envelopes))
-            return
-        frame.host = host
+            self._skip_bad("error", "the server reported an error: %s", exc)
+            return None
+        for reason, count in Tally(frame.skipped).items():
+            self._metrics.skip(reason, count)
+        return frame
+
+    def _cursor_ahead(self, host: str, exc: CursorAhead) -> None:
+        """The server's sequence was reset below ours: read its live stream from now on.
+
+        Waiting cannot help (its new, lower sequence may take weeks to pass ours), and neither
+        would the duplicate check, which would drop that lower sequence: both are forgotten.
+        """
+        log.error(
+            "%s has nothing after our cursor %s (%s): its sequence was reset; reading its live "
+            "stream from now on. Events it sent between our cursor and the reset are missing "
+            "from the stream: only a backfill of the repos can bring them",
+            host, self._position.saved_value() if self._position else self._start_cursor, exc,
+        )  # fmt: skip
+        self._metrics.skip("future_cursor")
+        self._position = self._start_cursor = self._overlap = None
+
+    async def _put(self, frame: Frame) -> None:
+        """Queue a frame; while the queue is full (in frames or bytes), stop reading the socket."""
         if self._queue.full() or self._queued_bytes >= self._settings.ingester_queue_bytes:
             # the writer is behind (or paused): stop reading the socket
             self._paused = True
@@ -337,9 +388,10 @@ class Ingester:
         else:
             self._queue.put_nowait(frame)
         self._queued_bytes += frame.size
-        self._position = Position(host, frame.cursor)
 
-    def _log_bad(self, reason: str, template: str, exc: Exception) -> None:
+    def _skip_bad(self, reason: str, template: str, exc: Exception) -> None:
+        """Count a message skipped whole; log the first few of each reason, then every 1000th."""
+        self._metrics.skip(reason)
         self._bad_logged[reason] += 1
         seen = self._bad_logged[reason]
         if seen <= _LOGGED_PER_REASON or seen % 1000 == 0:
@@ -423,10 +475,9 @@ class Ingester:
 
         False if stopped before it could be written.
         """
-        last = frames[-1]
-        cursor = last.cursor
-        assert cursor is not None  # only frames with a position are queued
-        key = cursor_key(self._stream, last.host)
+        position = frames[-1].position
+        assert position is not None  # only frames with a position are queued
+        key = cursor_key(self._stream, position.host)
 
         # Atomic: entries and cursor together or neither. A reply lost after EXEC means a retry
         # adds the batch twice; the indexer absorbs duplicates, and the cursor stays right.
@@ -435,13 +486,13 @@ class Ingester:
                 for frame in frames:
                     for _, envelope in frame.envelopes:
                         pipe.xadd(self._stream, {EVENT_FIELD: envelope})
-                pipe.set(key, cursor)
+                pipe.set(key, position.saved_value())
                 await pipe.execute()
             return True
 
         if await self._retrying(multi) is None:
             return False
-        self.saved = Position(last.host, cursor)
+        self.saved = position
         kinds = Tally(kind for frame in frames for kind, _ in frame.envelopes)
         for kind, count in kinds.items():
             self._metrics.events.labels(self._source.name, kind).inc(count)
@@ -475,10 +526,11 @@ class Ingester:
                 delay = min(INGESTER_BACKOFF_MAX_S, delay * 2)
 
 
-def _host(url: str) -> str:
-    """The host (and port) of a URL: the name its cursor is saved under."""
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or url
+def _recency(position: Position) -> tuple[bool, int]:
+    """Orders saved positions by event time; one without (a relay's) by its sequence."""
+    if position.time_us is not None:
+        return True, position.time_us
+    return False, position.cursor
 
 
 def _text(value: Any) -> str:

@@ -5,7 +5,9 @@ A frame is two DAG-CBOR objects back to back: a header (`{"op": 1, "t": "#commit
 is split into blocks once per commit, and only the blocks of the records its ops write are
 decoded, straight into the AppView's JSON form (CID links as `{"$link": ...}`, bytes as
 `{"$bytes": base64}`) by cbrrr. The cursor is the relay's `seq`; a relay replays the events
-after the `cursor` it is given, so the ingester resumes exactly where it was.
+after the `cursor` it is given, so the ingester resumes exactly where it was. A relay whose seq
+was reset below that cursor answers with a `FutureCursor` error (`CursorAhead`), after which the
+ingester reads its live stream.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ import msgspec
 from indexer.config import Settings
 from indexer.constants import RELAY_MAX_FRAME_BYTES, RELAY_PATH
 from indexer.events import Account, Create, Delete, Envelope, Identity, Update, encode
-from indexer.source import Allowlist, BadFrame, Frame, SourceError
+from indexer.source import (
+    Allowlist,
+    BadFrame,
+    CursorAhead,
+    Frame,
+    Position,
+    SourceError,
+    host_of,
+    split_saved,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +65,22 @@ class RelaySource:
             query.append(("cursor", str(cursor)))
         return urlunsplit(parts._replace(path=path, query=urlencode(query)))
 
+    def resume_cursor(self, url: str, position: Position) -> int | None:
+        """The seq read to, on the relay that numbered it (another relay starts live)."""
+        return position.seq if position.host == host_of(url) else None
+
+    def saved_position(self, host: str, value: str) -> Position:
+        """A saved seq."""
+        return Position(host, seq=split_saved(value)[0])
+
     def decode(self, message: bytes) -> Frame:
         """One frame: a `#commit` as one envelope per op; identity and account as one each."""
         header, body = _split_frame(message)
         if header.get("op") == -1:
-            raise SourceError(f"{body.get('error')}: {body.get('message')}")
+            error = f"{body.get('error')}: {body.get('message')}"
+            if body.get("error") == "FutureCursor":
+                raise CursorAhead(error)
+            raise SourceError(error)
         kind = header.get("t")
         try:
             if kind == "#commit":
@@ -80,13 +102,13 @@ class RelaySource:
         return Frame(skipped=("unknown",))
 
     def _commit(self, body: dict[str, Any]) -> Frame:
-        frame = Frame(cursor=_seq(body), event_time_s=_seconds(body.get("time")))
+        frame = Frame(seq=_seq(body), event_time_s=_seconds(body.get("time")))
         if body.get("tooBig"):
             log.warning("commit of %s too big to carry its ops; skipped", body["repo"])
             frame.skipped = ("too_big",)
             return frame
         common: dict[str, Any] = {
-            "seq": frame.cursor,
+            "seq": frame.seq,
             "time": _text(body, "time"),
             "did": _text(body, "repo"),
             "commit": _cid_text(body["commit"]),
@@ -147,13 +169,13 @@ def _split_frame(message: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _marker(body: dict[str, Any], reason: str) -> Frame:
     """A frame that only moves the cursor (and counts why nothing was added)."""
-    return Frame(cursor=_seq(body), event_time_s=_seconds(body.get("time")), skipped=(reason,))
+    return Frame(seq=_seq(body), event_time_s=_seconds(body.get("time")), skipped=(reason,))
 
 
 def _identity_or_account(kind: str, body: dict[str, Any]) -> Frame:
-    frame = Frame(cursor=_seq(body), event_time_s=_seconds(body.get("time")))
+    frame = Frame(seq=_seq(body), event_time_s=_seconds(body.get("time")))
     common: dict[str, Any] = {
-        "seq": frame.cursor, "time": _text(body, "time"), "did": _text(body, "did"),
+        "seq": frame.seq, "time": _text(body, "time"), "did": _text(body, "did"),
     }  # fmt: skip
     envelope: Envelope
     if kind == "#identity":

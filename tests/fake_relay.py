@@ -6,7 +6,8 @@ record's JSON form (so `{"$link"}` and `{"$bytes"}` become real links and bytes)
 account events become `#identity` and `#account`. Frames get `seq` 1, 2, 3, ...; a connection
 with `cursor=N` gets the frames after N, as a relay replays. `oldest_seq` makes older cursors
 outdated: such a connection first gets `#info OutdatedCursor`, then everything from the oldest.
-A cursor beyond the last frame gets a `FutureCursor` error frame and is closed.
+A cursor beyond the last frame gets a `FutureCursor` error frame and is closed; `refuse_with`
+(an error name and message) answers every connection with that error frame and closes it.
 
 Faults as in `FakeServer` (drop, stall, garbage). `frames_for()` builds frames for a test.
 """
@@ -140,11 +141,13 @@ class FakeRelay(FakeServer):
         *,
         frames: Sequence[bytes] | None = None,
         oldest_seq: int = 1,
+        refuse_with: tuple[str, str] | None = None,
         **faults: Any,
     ) -> None:
         super().__init__(**faults)
         self.frames = list(frames) if frames is not None else frames_for(events)
         self.oldest_seq = oldest_seq
+        self.refuse_with = refuse_with
 
     @property
     def base_url(self) -> str:
@@ -156,6 +159,9 @@ class FakeRelay(FakeServer):
         return [int(q["cursor"][0]) if "cursor" in q else None for q in self.queries]
 
     def messages(self, query: dict[str, list[str]]) -> Iterator[tuple[int, bytes, bool]]:
+        if self.refuse_with is not None:
+            yield CLOSE_AFTER, error_frame(*self.refuse_with), False
+            return
         start = 0  # index of the first frame to send
         if "cursor" in query:
             cursor = int(query["cursor"][0])

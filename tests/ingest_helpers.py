@@ -46,9 +46,23 @@ def workload(n: int, seed: int = 11) -> list[dict[str, Any]]:
     return [msgspec.json.decode(e) for e in generate(n, seed=seed)]
 
 
-def envelopes_of(events: list[dict[str, Any]]) -> list[bytes]:
-    """What `indexer ingest file` makes of the events: the stream content expected."""
+def envelopes_of(events: list[dict[str, Any]], first_seq: int | None = None) -> list[bytes]:
+    """What `indexer ingest file` makes of the events: the stream content expected.
+
+    With `first_seq`, as a Jetstream v2 server numbering them from there sends them."""
+    if first_seq is not None:
+        events = [e | {"cursor": seq} for seq, e in enumerate(events, start=first_seq)]
     return [normalize_line(msgspec.json.encode(e)) for e in events]
+
+
+def without_seq(entries: list[bytes]) -> set[bytes]:
+    """Envelopes as a set, their `seq` left out: two Jetstream v2 hosts number events apart."""
+    out = set()
+    for entry in entries:
+        envelope = msgspec.json.decode(entry)
+        envelope.pop("seq")
+        out.add(msgspec.json.encode(envelope))
+    return out
 
 
 async def stream_entries(client: aioredis.Redis, stream: str) -> list[bytes]:

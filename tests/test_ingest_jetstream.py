@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from indexer.config import ConfigError, load_settings
 from indexer.constants import cursor_key
 from indexer.jetstream import JetstreamSource
+from indexer.source import Position
 from tests.fake_jetstream import GARBAGE_BINARY, GARBAGE_TEXT, FakeJetstream
 from tests.ingest_helpers import (
     cli_env,
@@ -25,6 +26,7 @@ from tests.ingest_helpers import (
     start_cli,
     stream_entries,
     until,
+    without_seq,
     workload,
 )
 
@@ -161,6 +163,8 @@ async def test_v2_messages_carry_a_sequence_cursor(redis_server, client):
     assert fake.cursors == [None, 600]  # a sequence resumes where it was: no rewind
     entries = [msgspec.json.decode(e) for e in await stream_entries(client, settings.live_stream)]
     assert [e["seq"] for e in entries] == list(range(1, 1001))
+    key = cursor_key(settings.live_stream, fake.url.split("/")[2])
+    assert await client.get(key) == f"1000@{events[-1]['time_us']}".encode()  # seq and time
 
 
 def test_decoding_filters_counts_and_bounds(redis_server):
@@ -173,15 +177,173 @@ def test_decoding_filters_counts_and_bounds(redis_server):
     }
     like, follow = creates["app.bsky.feed.like"], creates["app.bsky.graph.follow"]
     kept = source.decode(msgspec.json.encode(like))
-    assert kept.cursor == like["time_us"] and [k for k, _ in kept.envelopes] == ["create"]
+    assert (kept.seq, kept.time_us) == (None, like["time_us"])
+    assert [k for k, _ in kept.envelopes] == ["create"]
     dropped = source.decode(msgspec.json.encode(follow))
     assert dropped.envelopes == [] and dropped.skipped == ("filtered",)
-    assert dropped.cursor == follow["time_us"]  # the cursor moves past filtered events
-    url = source.subscribe_url("wss://js.example/subscribe?x=1", 1_732_000_005_000_000)
-    assert url == (
+    assert dropped.time_us == follow["time_us"]  # the cursor moves past filtered events
+    v2 = source.decode(msgspec.json.encode(like | {"cursor": 7}))
+    assert (v2.seq, v2.time_us) == (7, like["time_us"])
+    url = "wss://js.example/subscribe?x=1"
+    cursor = source.resume_cursor(url, Position("js.example", time_us=1_732_000_005_000_000))
+    assert source.subscribe_url(url, cursor) == (
         "wss://js.example/subscribe?x=1&wantedCollections=app.bsky.feed.like&compress=true"
         "&cursor=1732000004500000"  # rewound by half a second
     )
+
+
+def test_saved_positions_are_read_old_and_new_and_compared_like_with_like(redis_server):
+    source = JetstreamSource(ingest_settings(redis_server.url))
+    t = 1_732_000_005_000_000
+    assert source.saved_position("a", str(t)) == Position("a", time_us=t)  # v1, any version
+    assert source.saved_position("a", f"600@{t}") == Position("a", seq=600, time_us=t)
+    assert source.saved_position("a", "600") == Position("a", seq=600)  # v2 of older versions
+    assert Position("a", seq=600, time_us=t).saved_value() == f"600@{t}"
+    assert Position("a", time_us=t).saved_value() == str(t)
+    # a sequence resumes only on its own host; elsewhere the event time does, rewound
+    v2 = Position("a:1", seq=600, time_us=t)
+    assert source.resume_cursor("ws://a:1/subscribe", v2) == 600
+    assert source.resume_cursor("ws://b:1/subscribe", v2) == t - 500_000
+    assert source.resume_cursor("ws://a:1/subscribe", Position("a:1", time_us=t)) == t - 500_000
+    # seq with seq of the same host, else time with time; another host repeats nothing
+    assert Position("a", seq=600, time_us=t + 9).repeats(Position("a", 600, t))
+    assert not Position("a", seq=601, time_us=t - 9).repeats(Position("a", 600, t))
+    assert Position("a", seq=5, time_us=t).repeats(Position("a", time_us=t))
+    assert not Position("a", seq=5, time_us=t + 1).repeats(Position("a", time_us=t))
+    assert not Position("b", seq=5, time_us=t).repeats(Position("a", 600, t))
+
+
+async def test_v2_failover_resumes_another_host_from_the_event_time(redis_server, client):
+    """A v2 sequence means nothing on another instance: it gets the time, rewound, and no event
+    is lost (the second instance started later and numbers the same events from 1)."""
+    events = workload(1000)
+    settings = ingest_settings(redis_server.url)
+    async with (
+        FakeJetstream(events[300:], version=2) as second,
+        FakeJetstream(events, version=2, drop_after=600) as first,
+    ):
+        source = JetstreamSource(settings.replace(jetstream_urls=(first.url, second.url)))
+        async with running(settings, source):
+            await until(length_at_least(client, settings.live_stream, 600), what="the first host")
+            await first.stop()
+            await until(
+                lambda: _has_all_but_seq(client, settings.live_stream, envelopes_of(events)),
+                timeout_s=10,
+                what="the second host",
+            )
+    assert second.cursors == [events[599]["time_us"] - 500_000]
+
+
+async def test_restart_resumes_from_the_newest_position_of_any_host(redis_server, client):
+    """Saved v2 positions of two hosts: the newest by event time wins, whatever their sequences
+    (the second host started later and numbers from 1 at event 500), and the other host is given
+    its time; a sequence goes only to the host that numbered it."""
+    events = workload(1500)
+    settings = ingest_settings(redis_server.url, jetstream_rewind_s=0.1)
+    stream = settings.live_stream
+    async with (
+        FakeJetstream(events, version=2, schedule=[("drop", 600)]) as a,
+        FakeJetstream(events[500:1000], version=2) as b,
+    ):
+        source = JetstreamSource(settings.replace(jetstream_urls=(a.url, b.url)))
+        async with running(settings, source):
+            await until(
+                lambda: _has_all_but_seq(client, stream, envelopes_of(events[:1000])),
+                what="a's 600, then b's",
+            )
+        t599, t999 = events[599]["time_us"], events[999]["time_us"]
+        assert b.cursors == [t599 - 100_000]
+        host_a, host_b = a.url.split("/")[2], b.url.split("/")[2]
+        assert await client.get(cursor_key(stream, host_a)) == f"600@{t599}".encode()
+        assert await client.get(cursor_key(stream, host_b)) == f"500@{t999}".encode()
+        async with running(settings, source):
+            await until(
+                lambda: _has_all_but_seq(client, stream, envelopes_of(events)),
+                timeout_s=10,
+                what="the rest from a",
+            )
+    assert a.cursors == [None, t999 - 100_000]
+
+
+async def _has_all_but_seq(client, stream, expected) -> bool:
+    return without_seq(await stream_entries(client, stream)) >= without_seq(expected)
+
+
+async def test_a_saved_v1_time_then_v2_messages_compare_times(redis_server, client):
+    """The host saved a time_us while it spoke v1 and now sends v2: its events are compared by
+    time with that position, not by sequence (which would drop every one as a duplicate)."""
+    events = workload(500)
+    settings = ingest_settings(redis_server.url)
+    stream = settings.live_stream
+    async with FakeJetstream(events, version=2) as fake:
+        key = cursor_key(stream, fake.url.split("/")[2])
+        await client.set(key, events[100]["time_us"])
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source) as (_, metrics):
+            await until(length_at_least(client, stream, 399), timeout_s=10, what="the rest")
+    assert fake.cursors == [events[100]["time_us"] - 500_000]
+    assert await stream_entries(client, stream) == envelopes_of(events[101:], first_seq=102)
+    replayed = sum(1 for e in events[:101] if e["time_us"] >= fake.cursors[0])
+    duplicates = sample(metrics, "ingester_skipped_total", source="jetstream", reason="duplicate")
+    assert duplicates == replayed > 100
+    assert await client.get(key) == f"500@{events[-1]['time_us']}".encode()
+
+
+async def test_out_of_range_and_future_times_are_skipped_and_counted(redis_server, client):
+    """A time_us past year 9999 cannot be converted, one a day ahead would make every later
+    event look like a duplicate: both are bad frames, and ingestion goes on."""
+    events = workload(300)
+    year_10000 = events[50] | {"time_us": 253_402_300_800_000_000}
+    tomorrow = events[150] | {"time_us": int((time.time() + 86_400) * 1_000_000)}
+    garbage = {50: msgspec.json.encode(year_10000), 150: msgspec.json.encode(tomorrow)}
+    settings = ingest_settings(redis_server.url)
+    async with FakeJetstream(events, garbage_at=garbage) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source) as (_, metrics):
+            await until(length_at_least(client, settings.live_stream, 300), timeout_s=10)
+    assert await stream_entries(client, settings.live_stream) == envelopes_of(events)
+    assert sample(metrics, "ingester_skipped_total", source="jetstream", reason="bad_frame") == 2
+    assert fake.connections == 1
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["json", "zstd"])
+async def test_an_oversized_message_is_skipped_and_the_stream_moves_on(
+    redis_server, client, compress
+):
+    """Over 1 MiB: read whole, counted and skipped, never a closed socket that resumes before
+    it (and reads it again) after every reconnect."""
+    events = workload(40)
+    big = next(
+        i
+        for i, e in enumerate(events[10:], 10)
+        if e["kind"] == "commit" and e["commit"]["operation"] == "create"
+    )
+    events[big] = msgspec.json.decode(msgspec.json.encode(events[big]))
+    events[big]["commit"]["record"]["junk"] = "x" * 1_100_000
+    settings = ingest_settings(redis_server.url, jetstream_compress=compress)
+    async with FakeJetstream(events) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source) as (ingester, metrics):
+            await until(length_at_least(client, settings.live_stream, 39), timeout_s=10)
+            assert ingester.saved is not None
+            assert ingester.saved.cursor == events[-1]["time_us"]
+    rest = events[:big] + events[big + 1 :]
+    assert await stream_entries(client, settings.live_stream) == envelopes_of(rest)
+    assert sample(metrics, "ingester_skipped_total", source="jetstream", reason="too_big") == 1
+    assert fake.connections == 1
+
+
+async def test_an_explicit_cursor_starts_exactly_there(redis_server, client):
+    """`--cursor` is where to start, not a saved position: no rewind."""
+    events = workload(1000)
+    settings = ingest_settings(redis_server.url)
+    async with FakeJetstream(events) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        start = events[400]["time_us"]
+        async with running(settings, source, start_cursor=start):
+            await until(length_at_least(client, settings.live_stream, 600), what="600")
+    assert fake.cursors == [start]
+    assert await stream_entries(client, settings.live_stream) == envelopes_of(events[400:])
 
 
 def _rss_bytes() -> int:
@@ -336,3 +498,18 @@ async def test_health_turns_503_when_the_source_goes_silent(redis_server, client
                 assert status == 503
                 assert body.startswith("no progress for ")
                 assert float(body.split()[3]) >= 0.5
+
+
+async def test_one_event_ahead_of_the_others_does_not_hide_those_after_it(redis_server, client):
+    """Half an hour ahead is odd but possible: it is added, and the older events after it are
+    not taken for repeats (only the overlap right after a resume is checked)."""
+    events = workload(300)
+    ahead = events[150] | {"time_us": int((time.time() + 1800) * 1_000_000)}
+    settings = ingest_settings(redis_server.url)
+    async with FakeJetstream(events, garbage_at={150: msgspec.json.encode(ahead)}) as fake:
+        source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
+        async with running(settings, source) as (_, metrics):
+            await until(length_at_least(client, settings.live_stream, 301), timeout_s=10)
+    expected = envelopes_of([*events[:150], ahead, *events[150:]])
+    assert await stream_entries(client, settings.live_stream) == expected
+    assert sample(metrics, "ingester_skipped_total", source="jetstream", reason="duplicate") == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import cbrrr
@@ -172,14 +174,44 @@ async def test_outdated_and_future_cursors(redis_server, client):
         seqs = [e["seq"] for e in _decoded(await stream_entries(client, settings.live_stream))]
         assert seqs == list(range(101, 501))
 
-        future = ingest_settings(redis_server.url)
-        async with running(future, source, start_cursor=10_000) as (_, metrics):
 
-            async def refused() -> bool:
-                return sample(metrics, "ingester_skipped_total", source="relay", reason="error") > 1
+async def test_a_future_cursor_falls_back_to_the_live_stream(redis_server, client, caplog):
+    """The relay's seq was reset below the saved one: say so, once, as an error, and read its
+    live stream, whose lower seqs the duplicate check must not drop (nor loop, waiting)."""
+    events = workload(100)
+    settings = ingest_settings(redis_server.url)
+    async with FakeRelay(events) as fake:
+        key = cursor_key(settings.live_stream, fake.url.split("/")[2])
+        await client.set(key, 5000)
+        source = RelaySource(settings.replace(relay_url=fake.base_url))
+        with caplog.at_level(logging.ERROR, logger="indexer.ingester"):
+            async with running(settings, source) as (ingester, metrics):
+                await until(length_at_least(client, settings.live_stream, 100), timeout_s=10)
+                await until(lambda: _saved(ingester, 100), what="the last seq saved")
+    assert fake.cursors == [5000, None]
+    seqs = [e["seq"] for e in _decoded(await stream_entries(client, settings.live_stream))]
+    assert seqs == list(range(1, 101))
+    assert await client.get(key) == b"100"
+    assert sample(metrics, "ingester_skipped_total", source="relay", reason="future_cursor") == 1
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "sequence was reset" in record.getMessage() and "5000" in record.getMessage()
 
-            await until(refused, what="FutureCursor errors")  # counted, and retried
-        assert await client.xlen(future.live_stream) == 0
+
+async def _saved(ingester, cursor: int) -> bool:
+    return ingester.saved is not None and ingester.saved.cursor == cursor
+
+
+async def test_error_frames_do_not_reset_the_reconnect_backoff(redis_server, client):
+    """A relay that answers every connection with an error frame: the frame is no progress, so
+    reconnects back off exponentially instead of hammering it at the base delay."""
+    settings = ingest_settings(redis_server.url)
+    async with FakeRelay(refuse_with=("ConsumerTooSlow", "go away")) as fake:
+        source = RelaySource(settings.replace(relay_url=fake.base_url))
+        async with running(settings, source) as (_, metrics):
+            await asyncio.sleep(1.5)
+    errors = sample(metrics, "ingester_skipped_total", source="relay", reason="error")
+    assert 3 <= fake.connections <= 12  # 0.02 s doubling, jittered: about 7 in 1.5 s
+    assert fake.connections - 1 <= errors <= fake.connections  # the last may be in flight
 
 
 async def test_allowlist_is_applied_before_the_stream_and_counted(redis_server, client):
