@@ -323,7 +323,10 @@ def lag(
     max_age: Annotated[
         float | None,
         typer.Option(
-            min=0, help="Exit 1 when the oldest pending entry, or the event time, is older."
+            min=0,
+            help="Exit 1 when a group's oldest pending entry, or the event time of its oldest "
+            "unfinished entry, is older than SECONDS; checked only while the group has lag or "
+            "pending entries (a group that has finished everything passes).",
         ),
     ] = None,
 ) -> None:
@@ -357,11 +360,21 @@ def compare(
         float, typer.Option(min=0, help="Seconds left for late indexing.")
     ] = constants.DEFAULT_COMPARE_GRACE_S,
     min_coverage: Annotated[
-        float | None, typer.Option(min=0, max=100, help="Exit 1 below this coverage, percent.")
+        float | None,
+        typer.Option(
+            min=0,
+            max=100,
+            help="Exit 1 below this coverage, percent (with --every: logged as an error each "
+            "round; alert on indexer_coverage_ratio).",
+        ),
     ] = None,
     every: Annotated[
         float | None,
-        typer.Option(min=1, help="Compare every SECONDS, exporting indexer_coverage_ratio."),
+        typer.Option(
+            min=1,
+            help="Compare every SECONDS until stopped, exporting indexer_coverage_ratio on "
+            "METRICS_PORT; a failed round is logged and the next one runs.",
+        ),
     ] = None,
     examples: Annotated[int, typer.Option(min=0, help="Missing URIs shown per collection.")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
@@ -380,7 +393,10 @@ def compare(
         examples=examples,
     )
     if every is not None:
-        raise typer.Exit(_run(cmp.continuously(opts, settings, every, json_out=json_out)))
+        every_round = cmp.continuously(
+            opts, settings, every, json_out=json_out, min_coverage_pct=min_coverage
+        )
+        raise typer.Exit(_run(every_round))
     result = _run(cmp.compare(opts, settings.database_url))
     cmp.show(result, json_out)
     raise typer.Exit(cmp.verdict(result, min_coverage))

@@ -12,15 +12,15 @@ share found.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -34,8 +34,10 @@ from indexer import constants
 from indexer.config import Settings, mask_url
 from indexer.health import Health, serving
 from indexer.metrics import CoverageMetrics
+from indexer.migrate import SchemaNotReady
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _LOOKUP_CHUNK = 5_000
 _RECONNECT_DELAY_S = 0.5
@@ -122,6 +124,10 @@ class JetstreamUnavailable(ConnectionError):
     """Jetstream could not be reached, or kept dropping the connection."""
 
 
+class DatabaseUnavailable(ConnectionError):
+    """The database could not be reached or read (down, restarting, refusing the query)."""
+
+
 def subscribe_url(url: str, collections: tuple[str, ...]) -> str:
     """The URL with one `wantedCollections` per collection added to its query."""
     parts = urlsplit(url)
@@ -196,8 +202,13 @@ async def check_database(
     conn: asyncpg.Connection, window: Window, opts: CompareOptions
 ) -> list[CollectionCoverage]:
     """Per collection: how many of the window's creates the database holds."""
-    has_state = await conn.fetchval("SELECT to_regclass('record_state') IS NOT NULL")
-    sql = _BY_STATE if has_state else _BY_RECORD
+    tables = await conn.fetchrow(
+        "SELECT to_regclass('record_state') IS NOT NULL AS state,"
+        " to_regclass('record') IS NOT NULL AS record"
+    )
+    if not tables["state"] and not tables["record"]:
+        raise SchemaNotReady("the database has no record table: run `indexer migrate`")
+    sql = _BY_STATE if tables["state"] else _BY_RECORD
     report = []
     for collection, identities in window.seen.items():
         uris = {i: f"at://{i[0]}/{collection}/{i[1]}" for i in identities}
@@ -230,7 +241,12 @@ async def compare(
     opts: CompareOptions, database_url: str, on_message: Callable[[], None] | None = None
 ) -> Comparison:
     """Sample the network, wait the grace period, then look the records up."""
-    window = await sample(opts, on_message)
+    return await measure(opts, database_url, await sample(opts, on_message))
+
+
+async def measure(opts: CompareOptions, database_url: str, window: Window) -> Comparison:
+    """After the grace period, how much of a window the database holds; raises
+    DatabaseUnavailable or SchemaNotReady, never a driver error."""
     log.info(
         "window of %gs: %d creates seen; checking the database in %gs",
         window.seconds, sum(len(s) for s in window.seen.values()), opts.grace_s,
@@ -239,21 +255,36 @@ async def compare(
     try:
         conn = await asyncpg.connect(database_url)
     except (OSError, asyncpg.PostgresError) as exc:
-        raise ConnectionError(f"cannot connect to {mask_url(database_url)}: {exc}") from None
+        raise DatabaseUnavailable(f"cannot connect to {mask_url(database_url)}: {exc}") from None
+    # A restart or an unmigrated table is the operator's to see in one line, not a bug.
     try:
         found = await check_database(conn, window, opts)
+    except asyncpg.UndefinedTableError as exc:
+        raise SchemaNotReady(f"{exc}: run `indexer migrate`") from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = str(exc) or exc.__class__.__name__
+        raise DatabaseUnavailable(f"database at {mask_url(database_url)}: {reason}") from None
     finally:
-        await conn.close()
+        if not conn.is_closed():  # a dropped session is closed already
+            await conn.close()
     return Comparison(mask_url(opts.url), window.seconds, window.reconnects, found)
 
 
 def publish(metrics: CoverageMetrics, result: Comparison) -> None:
-    """Set `indexer_coverage_ratio` and the two rates per collection."""
+    """Set `indexer_coverage_ratio` and the two rates per collection; a collection without
+    creates in the window has no ratio (NaN), so no alert reads an old one."""
     for c in result.collections:
-        if c.coverage_pct is not None:
-            metrics.coverage.labels(c.collection).set(c.coverage_pct / 100)
+        ratio = math.nan if c.coverage_pct is None else c.coverage_pct / 100
+        metrics.coverage.labels(c.collection).set(ratio)
         metrics.network_rate.labels(c.collection).set(c.network_per_s)
         metrics.indexed_rate.labels(c.collection).set(c.indexed_per_s)
+
+
+def publish_failed(metrics: CoverageMetrics, collections: tuple[str, ...]) -> None:
+    """A round that failed measured nothing: every figure is NaN until one succeeds."""
+    for collection in collections:
+        for gauge in (metrics.coverage, metrics.network_rate, metrics.indexed_rate):
+            gauge.labels(collection).set(math.nan)
 
 
 def render(result: Comparison) -> Table:
@@ -296,13 +327,58 @@ def show(result: Comparison, json_out: bool) -> None:
         Console().print(render(result))
 
 
+class SourceSilence:
+    """How long Jetstream has said nothing while we listened, carried across rounds, on `health`.
+
+    Between rounds nobody listens, so that pause is not silence; but once the source has been
+    silent too long, or could not be reached, the clock runs on until it talks again, so that
+    `/health` stays 503 however the rounds and pauses fall.
+    """
+
+    def __init__(self, health: Health) -> None:
+        self._health = health
+        self._carried_s = 0.0
+        self._since: float | None = None  # start of the running part of the silence
+        self.messages = 0  # in the current round
+
+    def listen(self) -> None:
+        """A round starts listening: from here on the source must talk."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        self.messages = 0
+        self._health.silent_for(self._carried_s + now - self._since)
+
+    def heard(self) -> None:
+        """A message arrived."""
+        self._carried_s, self._since = 0.0, time.monotonic()
+        self.messages += 1
+        self._health.progressed()
+
+    def rest(self, *, reached: bool) -> None:
+        """The round stopped listening; `reached`: its window completed."""
+        now = time.monotonic()
+        silent_s = self._carried_s + now - (now if self._since is None else self._since)
+        if reached and silent_s < self._health.stall_after_s:
+            self._carried_s, self._since = silent_s, None
+            self._health.idle()
+
+
 async def continuously(
-    opts: CompareOptions, settings: Settings, every_s: float, *, json_out: bool
+    opts: CompareOptions,
+    settings: Settings,
+    every_s: float,
+    *,
+    json_out: bool,
+    min_coverage_pct: float | None = None,
 ) -> int:
     """A comparison every `every_s` until SIGINT/SIGTERM, exported as `indexer_coverage_ratio`
-    on METRICS_PORT with /health (Jetstream silent for `stall_after_s` is unhealthy)."""
+    on METRICS_PORT with /health (Jetstream silent for `stall_after_s` while listened to is
+    unhealthy) and /ready (the last round heard creates and read the database). A failed round
+    is logged and its figures set to NaN; collections below `min_coverage_pct` are logged."""
     metrics = CoverageMetrics()
     health = Health(settings.stall_after_s, checks=("jetstream", "postgres"))
+    silence = SourceSilence(health)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -310,42 +386,68 @@ async def continuously(
     async with serving(metrics.registry, health, settings.metrics_port):
         while not stop.is_set():
             started = time.monotonic()
-            health.progressed()  # from here on, Jetstream must keep talking
-            result = await _round(opts, settings, health, stop)
-            health.idle()
+            result = await _alive_until(
+                asyncio.create_task(_round(opts, settings, health, silence)), stop, health
+            )
             if result is not None:
                 publish(metrics, result)
                 show(result, json_out)
-            left = max(0.0, started + every_s - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), left)
+                verdict(result, min_coverage_pct)
+            elif not stop.is_set():
+                publish_failed(metrics, opts.collections)
+            pause = asyncio.create_task(
+                asyncio.sleep(max(0.0, started + every_s - time.monotonic()))
+            )
+            await _alive_until(pause, stop, health)
     return 0
 
 
-async def _round(
-    opts: CompareOptions, settings: Settings, health: Health, stop: asyncio.Event
-) -> Comparison | None:
-    """One comparison, cut short by a stop request; failures are reported, not raised."""
-    task = asyncio.create_task(compare(opts, settings.database_url, health.progressed))
-    stopper = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
+async def _alive_until(task: asyncio.Task[T], stop: asyncio.Event, health: Health) -> T | None:
+    """Await `task`, beating `health` meanwhile (long pauses are not a dead loop); a stop
+    request cancels it and returns None."""
+    beat_s = max(0.05, health.stall_after_s / 4)
+    while not task.done() and not stop.is_set():
+        health.beat()
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([task, stopper], timeout=beat_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
     if not task.done():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         return None
+    return task.result()
+
+
+async def _round(
+    opts: CompareOptions, settings: Settings, health: Health, silence: SourceSilence
+) -> Comparison | None:
+    """One comparison; a failure is reported in /ready and the log, not raised."""
+    silence.listen()
     try:
-        result = task.result()
+        window = await sample(opts, silence.heard)
     except JetstreamUnavailable as exc:
+        silence.rest(reached=False)
         health.set_check("jetstream", False, str(exc))
         log.error("comparison skipped: %s", exc)
         return None
-    except ConnectionError as exc:
+    silence.rest(reached=True)
+    if not silence.messages:
+        health.set_check(
+            "jetstream", False, f"no messages in the last {opts.duration_s:g} s window"
+        )
+    elif not any(window.seen.values()):
+        health.set_check(
+            "jetstream", False, "no creates of the chosen collections in the last window"
+        )
+    else:
+        health.set_check("jetstream", True)
+    try:
+        result = await measure(opts, settings.database_url, window)
+    except (DatabaseUnavailable, SchemaNotReady) as exc:
         health.set_check("postgres", False, str(exc))
-        log.error("comparison skipped: %s", exc)
+        log.error("comparison failed: %s", exc)
         return None
-    health.set_check("jetstream", True)
     health.set_check("postgres", True)
     return result

@@ -34,6 +34,10 @@ def is_data_error(exc: BaseException) -> bool:
 
 
 def is_contention(exc: BaseException) -> bool:
+    """Lock contention, or a statement cached before a migration changed its tables (asyncpg
+    drops the cache, so the retry prepares it afresh)."""
+    if isinstance(exc, asyncpg.InvalidCachedStatementError):
+        return True
     return getattr(exc, "sqlstate", None) in _RETRY_STATES
 
 

@@ -30,7 +30,9 @@ class Health:
 
     It starts idle. A replica reports its backlog (`set_backlog`), so silence is fine only while
     there is nothing to do; a source that must keep talking (an ingester's socket) calls
-    `progressed()` when it starts listening and at every message, and never `idle()`.
+    `progressed()` when it starts listening and at every message, and never `idle()`; one
+    listened to in rounds (`indexer compare --every`) resumes with `silent_for()`, so that its
+    silence adds up across rounds.
     """
 
     def __init__(self, stall_after_s: float, checks: tuple[str, ...] = READY_CHECKS) -> None:
@@ -59,6 +61,14 @@ class Health:
         now = time.monotonic()
         self._beat_at = self._progress_at = now
         self._idle = True
+
+    def silent_for(self, seconds: float) -> None:
+        """Work must move from now on, and has not for `seconds` already (a source listened to
+        again after a pause, its earlier silence carried over)."""
+        now = time.monotonic()
+        self._beat_at = now
+        self._progress_at = now - seconds
+        self._idle = False
 
     def set_backlog(self, entries: int) -> None:
         """How much work is waiting (lag plus pending), for the reason text; 0 means idle."""

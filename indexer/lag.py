@@ -28,11 +28,13 @@ from rich.table import Table
 from indexer.config import Settings
 from indexer.constants import EVENT_FIELD, dlq_stream
 from indexer.metrics import Metrics
+from indexer.stream import checked_lag
 
 log = logging.getLogger(__name__)
 
-# When Redis cannot say a group's lag (entries were deleted after its last delivered id), the
-# entries after that id are counted inside Redis, a page at a time, up to this many.
+# When Redis cannot say a group's lag (entries were deleted after its last delivered id), or says
+# more than the stream holds (entries trimmed before delivery), the entries after that id are
+# counted inside Redis, a page at a time, up to this many.
 LAG_COUNT_CAP = 100_000
 _COUNT_AFTER = """
 local n, start, cap = 0, ARGV[1], tonumber(ARGV[2])
@@ -112,7 +114,7 @@ async def _group(
     figures = GroupFigures(stream, name, length, dlq)
     figures.last_delivered_id = _text(info["last-delivered-id"])
     figures.pending = int(info["pending"])
-    lag = info.get("lag")
+    lag = await checked_lag(client, stream, figures.last_delivered_id, info.get("lag"), length)
     if lag is None:
         lag = await client.eval(
             _COUNT_AFTER, 1, stream, f"({figures.last_delivered_id}", LAG_COUNT_CAP
@@ -185,13 +187,15 @@ def publish(metrics: Metrics, figures: list[GroupFigures]) -> None:
 def over_limits(
     figures: list[GroupFigures], max_lag: int | None, max_age_s: float | None
 ) -> list[str]:
-    """What exceeds the limits, one line per group and limit (empty: all within)."""
+    """What exceeds the limits, one line per group and limit (empty: all within); the age limit
+    applies only to a group with lag or pending entries."""
     over = []
     for f in figures:
         where = f"{f.stream}/{f.group}"
         if max_lag is not None and f.lag > max_lag:
             over.append(f"{where}: lag {f.lag} > {max_lag}")
-        if max_age_s is not None:
+        # A group with nothing left to do is not behind, however old the newest entry is.
+        if max_age_s is not None and f.backlog:
             if f.oldest_pending_s > max_age_s:
                 over.append(f"{where}: oldest pending {f.oldest_pending_s:.0f} s > {max_age_s} s")
             if f.behind_s is not None and f.behind_s > max_age_s:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,25 @@ class PendingEntry:
 _DELETE_IF_EMPTY = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+# The claim and touch scripts call no command Redis refuses when out of memory (a replica that
+# could not touch its batches then would see them claimed away; a test holds them to it).
+# Claim (XCLAIM, with its min-idle) those ids still pending on the consumer that held them when
+# the pending list was read (ARGV: group, claimant, min idle ms, then id and holder pairs); an
+# entry another replica claimed meanwhile stays with it. Returns XCLAIM's entries.
+_CLAIM_IF_HELD = """
+local ids = {}
+for i = 4, #ARGV, 2 do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #entry > 0 and entry[1][2] == ARGV[i + 1] then ids[#ids + 1] = ARGV[i] end
+end
+local out = {}
+for i = 1, #ids, 1000 do
+  local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3]}
+  for j = i, math.min(i + 999, #ids) do args[#args + 1] = ids[j] end
+  for _, claimed in ipairs(redis.call(unpack(args))) do out[#out + 1] = claimed end
+end
+return out
 """
 # Reset the idle time of those ids still pending on this consumer (ARGV: group, consumer, ids),
 # and only those: an entry another replica has claimed meanwhile stays with it.
@@ -139,15 +157,18 @@ class StreamConsumer:
     async def claim(
         self, stream: str, pending: list[PendingEntry], min_idle_ms: int
     ) -> list[Entry]:
-        """Take entries over (XCLAIM); each counts one more delivery. An entry that another
-        replica claimed first (so is no longer idle) or that is gone is not returned."""
+        """Take entries over (XCLAIM); each counts one more delivery. Only those still pending
+        on the consumer that held them in `pending` and idle for `min_idle_ms`: an entry another
+        replica claimed meanwhile, or one that is gone, is not returned."""
         if not pending:
             return []
-        reply = await self._redis.xclaim(
-            stream, self._group, self._consumer, min_idle_ms, _ids(p.id for p in pending)
+        holders = [part for p in pending for part in (p.id, p.consumer)]
+        reply = await self._redis.eval(
+            _CLAIM_IF_HELD, 1, stream, self._group, self._consumer, min_idle_ms, *holders
         )
+        messages = [(entry_id, _fields(flat)) for entry_id, flat in reply]
         deliveries = {p.id: p.deliveries + 1 for p in pending}
-        entries = _entries([(stream, reply)])
+        entries = _entries([(stream, messages)])
         for entry in entries:
             entry.deliveries = deliveries.get(entry.id, 1)
         return entries
@@ -235,9 +256,10 @@ class StreamConsumer:
             if mine is None:
                 states.append(GroupState(stream, length, length, 0, 0))
                 continue
-            lag = mine.get("lag")
+            last_delivered = _text(mine["last-delivered-id"])
+            lag = await checked_lag(self._redis, stream, last_delivered, mine.get("lag"), length)
             if lag is None:
-                lag = await self._lag_from_ids(stream, _text(mine["last-delivered-id"]))
+                lag = await self._lag_from_ids(stream, last_delivered)
             states.append(
                 GroupState(stream, length, int(lag), int(mine["pending"]), int(mine["consumers"]))
             )
@@ -268,19 +290,38 @@ class StreamConsumer:
         return all(s.lag == 0 and s.pending == 0 for s in await self.group_states())
 
 
+async def checked_lag(
+    client: aioredis.Redis, stream: str, last_delivered: str, reported: Any, length: int
+) -> int | None:
+    """A group's lag as XINFO GROUPS reports it, checked against the stream; None when it must
+    be counted from ids instead (Redis cannot say, or says more than could follow).
+
+    Redis 7.0 counts entries trimmed before the group read them (a foreign XTRIM MAXLEN) as lag
+    forever, so a positive figure is trusted only while some entry follows the last delivered
+    id and the figure fits in the stream: one XRANGE of one entry per call.
+    """
+    if reported is None:
+        return None
+    if int(reported) <= 0:
+        return 0
+    if not await client.xrange(stream, f"({last_delivered}", "+", count=1):
+        return 0
+    return int(reported) if int(reported) <= length else None
+
+
 def stream_id(entry_id: str) -> tuple[int, int]:
     """A stream entry id as a comparable (milliseconds, sequence) pair."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
 
-def _ids(ids: Iterable[str]) -> list[Any]:
-    """Entry ids as redis-py's XCLAIM wants them typed."""
-    return list(ids)
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(flat: list[Any] | None) -> dict[Any, Any] | None:
+    """A Lua reply's flat field list [k1, v1, k2, v2, ...] as redis-py's dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
 
 
 def _entries(reply: Any) -> list[Entry]:

@@ -20,5 +20,6 @@ def test_failures_are_classified():
     assert is_unavailable(TimeoutError())
     assert is_contention(asyncpg.DeadlockDetectedError("deadlock"))
     assert is_contention(asyncpg.SerializationError("serialization"))
+    assert is_contention(asyncpg.InvalidCachedStatementError("cached plan must not change"))
     assert not is_unavailable(asyncpg.UndefinedTableError("no table"))
     assert not is_data_error(asyncpg.UndefinedTableError("no table"))

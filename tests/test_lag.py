@@ -13,6 +13,7 @@ import pytest
 
 from indexer.constants import dlq_stream
 from indexer.lag import collect
+from indexer.stream import StreamConsumer
 from tests.helpers import push
 from tests.observe import free_port, indexer, indexer_env, start_indexer
 
@@ -77,6 +78,20 @@ async def test_limits_make_it_exit_1(settings, prepared):
     assert (await indexer(env, "lag", "--max-age", "500", "--max-lag", "10"))[0] == 0
 
 
+async def test_max_age_spares_a_group_that_has_finished(settings, redis, prepared):
+    """With nothing left to do, the age of the newest event is the network's quiet, not ours."""
+    live = settings.live_stream
+    await redis.xreadgroup(settings.group, "a", {live: ">"})
+    await redis.xack(live, settings.group, *prepared)
+    env = indexer_env(settings)
+    code, out, err = await indexer(env, "lag", "--json", "--max-age", "50")
+    assert code == 0, err
+    doc = json.loads(out)
+    mine = next(g for g in doc["groups"] if g["stream"] == live and g["group"] == settings.group)
+    assert (mine["lag"], mine["pending"], doc["over_limits"]) == (0, 0, [])
+    assert 90 < mine["behind_s"] < 110  # still shown: how old the newest entry is
+
+
 async def test_table_and_watch(settings, prepared):
     env = indexer_env(settings) | {"COLUMNS": "200"}
     code, out, _ = await indexer(env, "lag")
@@ -107,6 +122,44 @@ async def test_lag_is_counted_from_ids_when_redis_cannot_say(settings, redis, pr
     assert (mine.lag, mine.lag_exact, mine.length) == (3, True, 9)
     other = next(f for f in figures if f.group == "other_group")
     assert (other.lag, other.pending, other.consumers) == (9, 0, [])
+
+
+async def _read_and_ack(redis, settings, count: int) -> None:
+    live = settings.live_stream
+    reply = await redis.xreadgroup(settings.group, "a", {live: ">"}, count=count)
+    await redis.xack(live, settings.group, *(i for i, _ in reply[0][1]))
+
+
+async def test_entries_trimmed_before_delivery_do_not_count_as_lag(settings, redis):
+    """A foreign XTRIM MAXLEN (a compatible ingester) drops entries the group never read: Redis
+    7.0 keeps counting them in XINFO GROUPS `lag`, but nothing is left to read."""
+    live = settings.live_stream
+    await push(redis, live, [_identity(n, 10) for n in range(10)])
+    consumer = StreamConsumer(settings, redis)
+    await consumer.ensure_groups()
+    await _read_and_ack(redis, settings, 2)
+    await redis.xtrim(live, maxlen=3, approximate=False)
+    figures = await collect(redis, (live,), settings.group)
+    [mine] = figures
+    assert (mine.length, mine.lag, mine.pending) == (3, 3, 0)  # counted: more than could follow
+    await _read_and_ack(redis, settings, 3)
+    [info] = await redis.xinfo_groups(live)
+    assert info["lag"] > 0  # what Redis says, wrongly
+    [mine] = await collect(redis, (live,), settings.group)
+    assert (mine.lag, mine.pending, mine.backlog) == (0, 0, 0)
+    [state] = [s for s in await consumer.group_states() if s.stream == live]
+    assert (state.lag, state.pending) == (0, 0)
+    assert await consumer.drained()
+    # More arrives: the lag is what is really left, not Redis's figure
+    await push(redis, live, [_identity(n, 5) for n in range(2)])
+    [mine] = await collect(redis, (live,), settings.group)
+    assert mine.lag == 2
+    [state] = [s for s in await consumer.group_states() if s.stream == live]
+    assert state.lag > 0 and not await consumer.drained()
+    code, out, err = await indexer(indexer_env(settings), "lag", "--json", "--max-lag", "2")
+    assert code == 0, err
+    live_group = next(g for g in json.loads(out)["groups"] if g["stream"] == live)
+    assert (live_group["lag"], live_group["lag_exact"]) == (2, True)
 
 
 async def test_unreachable_redis_is_one_line(settings):

@@ -286,3 +286,18 @@ async def test_closing_the_pool_is_bounded_even_with_a_connection_held(settings)
         assert not database.is_open
         with pytest.raises(asyncpg.InterfaceError):
             await conn.fetchval("SELECT 1")  # terminated
+
+
+async def test_entries_in_hand_are_touched_and_claimed_when_redis_is_out_of_memory(settings, redis):
+    stream = settings.live_stream
+    ids = await push(redis, stream, _likes(2))
+    await StreamConsumer(settings, redis).ensure_groups()
+    mine = StreamConsumer(settings.replace(consumer="a"), redis)
+    await redis.xreadgroup(settings.group, "a", {stream: ">"}, count=2)
+    pending = await mine.idle_pending(stream, 0, 10, "a")
+    await redis.config_set("maxmemory", 1)  # every command that needs memory is refused
+    try:
+        assert await mine.touch(stream, ids) == 2
+        assert [e.id for e in await mine.claim(stream, pending, 0)] == ids
+    finally:
+        await redis.config_set("maxmemory", 0)
