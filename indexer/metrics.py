@@ -105,7 +105,9 @@ class Metrics:
         )
 
     def indexed_event_time(self, epoch_s: float) -> None:
-        """An event of this time was indexed; the event lag counts from the newest such time."""
+        """An event of this time was indexed; the event lag counts from the newest such time
+        (never from the future: one event stamped ahead of our clock would hide the lag)."""
+        epoch_s = min(epoch_s, time.time())
         if math.isnan(self._newest_event_s) or epoch_s > self._newest_event_s:
             self._newest_event_s = epoch_s
 

@@ -321,8 +321,9 @@ class Replica:
                     await self._consumer.trim(stream)
                 removed = await self._consumer.remove_consumer(stream, self._settings.consumer)
             except (RedisError, OSError) as exc:
-                log.warning("could not remove consumer %s (%s)", self._settings.consumer, exc)
-                return
+                log.warning("could not trim %s or remove consumer %s from it (%s)",
+                            stream, self._settings.consumer, exc)  # fmt: skip
+                continue
             if not removed:
                 log.warning(
                     "consumer %s keeps entries pending on %s; they are redone at its next start "

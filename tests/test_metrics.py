@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from datetime import UTC, datetime, timedelta
 
 from indexer.db import Database
@@ -160,3 +161,12 @@ async def test_pool_exhaustion_is_seen_as_waiting_tasks_and_acquire_time(setting
     # the two holders got theirs at once; the three others waited for them, 0.2 s or more
     assert value(after, "indexer_db_pool_acquire_seconds_bucket", le="0.1") == 2
     assert value(after, "indexer_db_pool_acquire_seconds_sum") >= 0.6
+
+
+def test_an_event_stamped_ahead_of_our_clock_does_not_hide_the_lag():
+    metrics = Metrics()
+    metrics.indexed_event_time(time.time() + 3600)  # a clock an hour ahead, or a bad time
+    lag = metrics.registry.get_sample_value("indexer_event_lag_seconds")
+    assert lag is not None and 0 <= lag < 5
+    time.sleep(0.2)
+    assert metrics.registry.get_sample_value("indexer_event_lag_seconds") >= 0.2  # it grows
