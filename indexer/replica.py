@@ -99,6 +99,9 @@ class Replica:
 
     async def run(self, *, drain: bool = False) -> None:
         observer = asyncio.create_task(self._observer.run(), name="observer")
+        # A crashed observer would leave readiness and the stream gauges frozen: the replica
+        # stops (and raises it at the end), so that its supervisor restarts it.
+        observer.add_done_callback(lambda _: self._stopping.set())
         try:
             if not await wait_for_redis(self._redis, self._settings, self._stopping):
                 return
@@ -139,6 +142,8 @@ class Replica:
                 await asyncio.wait(self._settling, timeout=_SETTLE_DEADLINE_S)
             await self._db.close()
             await self._redis.aclose()
+            if not observer.cancelled() and (crash := observer.exception()) is not None:
+                raise crash
 
     async def _wait(self, workers: list[asyncio.Task[None]]) -> None:
         """Wait for the workers; after a stop request give them the grace period, then cancel."""

@@ -301,3 +301,15 @@ async def test_entries_in_hand_are_touched_and_claimed_when_redis_is_out_of_memo
         assert [e.id for e in await mine.claim(stream, pending, 0)] == ids
     finally:
         await redis.config_set("maxmemory", 0)
+
+
+async def test_a_crashed_observer_stops_the_replica_with_its_error(settings, redis):
+    """Frozen readiness and gauges would hide every later problem: the replica ends instead."""
+    replica = Replica(settings.replace(consumer="r"), registry(), Metrics())
+
+    async def broken() -> None:
+        raise RuntimeError("observer bug")
+
+    replica._observer.observe = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="observer bug"):
+        await asyncio.wait_for(replica.run(), 30)
