@@ -41,6 +41,7 @@ from indexer.aggregates import Deltas
 from indexer.constants import ACCOUNT_DELETION_CHUNK, ACCOUNT_DELETION_POLL_S
 from indexer.db import Connection, Database, is_contention, is_unavailable
 from indexer.guard import Change
+from indexer.locks import lock_changes
 from indexer.plugin import Op, Plugin
 from indexer.records import write_records
 
@@ -157,6 +158,7 @@ class AccountDeletions:
         await conn.execute(_TOMBSTONE, uris)
         changes = [Change(_delete_op(r["uri"], did, r["rev"], deleted_at), "delete") for r in rows]
         await write_records(conn, changes)
+        await lock_changes(conn, self._plugins, changes)
         deltas = Deltas()
         for collection in sorted({c.op.collection for c in changes}):
             plugin = self._plugins.get(collection)

@@ -2,17 +2,22 @@
 
 A record written by one transaction and read by another (a post and its replies, a post and its
 gate) cannot be seen by the reader until it commits. Writers therefore lock the uri of the record
-they share: exclusive to insert or delete it, shared to depend on it. All locks of a call are
-taken in one statement, in key order, so two such statements never wait for each other in a
-cycle; the pipeline takes those of a whole batch at once (see `Plugin.locks`).
+they share: exclusive to insert or delete it, shared to depend on it. Whoever applies changes
+(the pipeline for a batch, account deletion for a chunk) takes the locks of all of them in one
+statement, in key order, before any plugin writes (`lock_changes`), so two transactions never
+wait for each other in a cycle; the plugins themselves take none (see `Locking`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Final
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Final
 
 from indexer.db import Connection
+from indexer.plugin import Locking, Plugin
+
+if TYPE_CHECKING:
+    from indexer.guard import Change
 
 # The first key of our two-key advisory locks: one lock space for record uris.
 _NS: Final = 0x706F7374
@@ -29,3 +34,19 @@ async def lock_uris(conn: Connection, keys: Iterable[tuple[str, bool]]) -> None:
     pairs = list(keys)
     if pairs:
         await conn.execute(_LOCK, [u for u, _ in pairs], [x for _, x in pairs])
+
+
+async def lock_changes(
+    conn: Connection, plugins: Mapping[str, Plugin], changes: Iterable[Change]
+) -> None:
+    """Until commit: the locks every change needs (`Locking` plugins), in one statement."""
+    locking: dict[str, Locking | None] = {}
+    keys: list[tuple[str, bool]] = []
+    for change in changes:
+        collection = change.op.collection
+        if collection not in locking:
+            plugin = plugins.get(collection)
+            locking[collection] = plugin if isinstance(plugin, Locking) else None
+        if (owner := locking[collection]) is not None:
+            keys.extend(owner.locks(change.op, change.kind))
+    await lock_uris(conn, keys)

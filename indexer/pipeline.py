@@ -29,9 +29,9 @@ from indexer.events import (
     envelope_decoder,
 )
 from indexer.guard import Change, apply_guard
-from indexer.locks import lock_uris
+from indexer.locks import lock_changes
 from indexer.normalize import clean_json_text, clean_text, normalize_datetime, repair_json
-from indexer.plugin import Locking, Op, Plugin, outcome_of
+from indexer.plugin import Op, Plugin, outcome_of
 from indexer.records import ensure_actors, write_records
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,6 @@ class Pipeline:
     def __init__(self, db: Database, plugins: dict[str, Plugin]) -> None:
         self._db = db
         self._plugins = plugins
-        self._locking = {c: p for c, p in plugins.items() if isinstance(p, Locking)}
 
     async def process(self, entries: list[Entry]) -> Outcome:
         """Decode and write one batch; database outages propagate (nothing is dead-lettered)."""
@@ -191,7 +190,7 @@ class Pipeline:
                 item.fenced = item.op.did in fenced and item.time <= fenced[item.op.did]
             changes = await apply_guard(conn, _collapse(items))
             await write_records(conn, changes)
-            await lock_uris(conn, self._locks(changes))
+            await lock_changes(conn, self._plugins, changes)
             for collection in sorted({c.op.collection for c in changes}):
                 plugin = self._plugins[collection]
                 mine = [c for c in changes if c.op.collection == collection]
@@ -205,15 +204,6 @@ class Pipeline:
             if a.op.event.time:  # an event without a time says nothing about the lag
                 outcome.newest_time = max(outcome.newest_time, a.op.time)
         return outcome
-
-    def _locks(self, changes: list[Change]) -> list[tuple[str, bool]]:
-        """The advisory locks of every change of the batch (`Locking` plugins)."""
-        keys: list[tuple[str, bool]] = []
-        for change in changes:
-            plugin = self._locking.get(change.op.collection)
-            if plugin is not None:
-                keys.extend(plugin.locks(change.op, change.kind))
-        return keys
 
 
 async def _apply_plugin(

@@ -66,9 +66,10 @@ class Plugin(Protocol):
 
 @runtime_checkable
 class Locking(Protocol):
-    """A plugin whose records depend on records of other transactions (posts, gates) also says
-    which uris each change locks, `(uri, exclusive)`: the pipeline takes the locks of a whole
-    batch in one statement before any plugin writes, so two batches never lock in a cycle."""
+    """A plugin whose records depend on records of other transactions (posts, gates) says which
+    uris each change locks, `(uri, exclusive)`; its calls expect them taken. The caller takes
+    the locks of all its changes in one statement before any plugin writes
+    (`indexer.locks.lock_changes`), so two transactions never lock in a cycle."""
 
     def locks(self, op: Op, kind: Kind) -> list[tuple[str, bool]]: ...
 

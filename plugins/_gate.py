@@ -6,11 +6,10 @@ from typing import Any
 
 import msgspec
 
-from indexer.aggregates import Deltas
 from indexer.db import Connection
 from indexer.normalize import normalize_datetime
 from indexer.plugin import Kind, Op
-from plugins._post_flags import lock_posts, set_gate
+from plugins._post_flags import set_gate
 from plugins._rows import RowPlugin
 from plugins.post import POST
 
@@ -28,8 +27,8 @@ def gated_post(op: Op) -> str:
 class GatePlugin(RowPlugin):
     """A gate's row, and its post's flag column (`flag`) while the gate is indexed.
 
-    Each call first takes shared locks on the posts its gates may gate (known from the gates'
-    uris alone), in one statement, before it writes a row (see `plugins/_post_flags.py`).
+    Its calls expect shared locks on the posts its gates may gate (`locks`, known from the
+    gates' uris alone) taken (see `plugins/_post_flags.py`).
     """
 
     flag: str
@@ -46,18 +45,6 @@ class GatePlugin(RowPlugin):
     def locks(self, op: Op, kind: Kind) -> list[tuple[str, bool]]:
         """The post the gate may gate, shared."""
         return [(gated_post(op), False)]
-
-    async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await lock_posts(conn, [], [gated_post(op) for op in ops])
-        await super().insert(conn, ops, deltas)
-
-    async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await lock_posts(conn, [], [gated_post(op) for op in ops])
-        await super().update(conn, ops, deltas)
-
-    async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await lock_posts(conn, [], [gated_post(op) for op in ops])
-        await super().delete(conn, ops, deltas)
 
     async def written(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         await set_gate(conn, self.flag, [row[3] for row in rows], present=True)

@@ -17,19 +17,18 @@ shared when it only depends on it (a reply on its parent, a gate on its post). T
 lock waits for the first to commit, and its next statement sees the first's row; replies to
 one hot post, holding shared locks, do not wait for each other.
 
-Lock order: the pipeline takes the locks of a whole batch (`PostPlugin.locks`,
-`GatePlugin.locks`) in one statement, in key order, before any plugin touches a row; each plugin
-call takes its own again (a no-op then; it matters to account deletion, which calls `delete`
-directly). A delete that held a post's row while waiting for its lock could deadlock with the
-lock's holder, about to re-flag that row as a reply of its new post; a batch taking its delete
-locks and its insert locks in two statements could deadlock with one doing the crossed deletes
-and replies. `posts_added`, `posts_removed` and `set_gate` expect the caller to hold the locks.
+Lock order: the caller of the plugins (the pipeline for a batch, account deletion for a chunk)
+takes the locks of all its changes (`PostPlugin.locks`, `GatePlugin.locks`) in one statement, in
+key order, before any plugin touches a row (`indexer.locks.lock_changes`); the plugins take none.
+A delete that held a post's row while waiting for its lock could deadlock with the lock's
+holder, about to re-flag that row as a reply of its new post; a batch taking its delete locks
+and its insert locks in two statements could deadlock with one doing the crossed deletes and
+replies.
 """
 
 from __future__ import annotations
 
 from indexer.db import Connection
-from indexer.locks import lock_uris
 
 _INVALID = (
     'CASE WHEN p.uri IS NOT NULL AND c."replyRoot" IS DISTINCT FROM coalesce(p."replyRoot", p.uri) '
@@ -57,13 +56,6 @@ _ORPHAN_REPLIES = (
     'UPDATE post SET "invalidReplyRoot" = NULL '
     'WHERE "replyParent" = ANY($1::varchar[]) AND "invalidReplyRoot" IS NOT NULL'
 )
-
-
-async def lock_posts(conn: Connection, written: list[str], depended_on: list[str]) -> None:
-    """Until commit: exclusive locks on the posts this transaction inserts or deletes, shared
-    locks on those it depends on, in one statement. In a batch the pipeline has taken them all
-    already (`Plugin.locks`), so these only matter to callers outside it (account deletion)."""
-    await lock_uris(conn, [*((u, True) for u in written), *((u, False) for u in depended_on)])
 
 
 async def posts_added(conn: Connection, uris: list[str]) -> None:

@@ -97,12 +97,8 @@ def _row(op: Op) -> tuple[Any, ...]:
     )
 
 
-def _parents(ops: list[Op]) -> list[str]:
-    return [clean_text(op.record.reply.parent.uri) for op in ops if op.record.reply]
-
-
 class PostPlugin:
-    """Each call takes its post locks first (see `plugins/_post_flags.py`), then writes rows."""
+    """Its calls expect the locks of `locks` taken (see `plugins/_post_flags.py`)."""
 
     collection = POST
 
@@ -118,20 +114,11 @@ class PostPlugin:
         parent = [(clean_text(reply.parent.uri), False)] if reply else []
         return [(op.uri, True), *parent]
 
-    async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await post_flags.lock_posts(conn, [op.uri for op in ops], _parents(ops))
-        await self._insert(conn, ops, deltas)
-
     async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await post_flags.lock_posts(conn, [op.uri for op in ops], _parents(ops))
-        await self._delete(conn, ops, deltas)
-        await self._insert(conn, ops, deltas)
+        await self.delete(conn, ops, deltas)
+        await self.insert(conn, ops, deltas)
 
-    async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        await post_flags.lock_posts(conn, [op.uri for op in ops], [])
-        await self._delete(conn, ops, deltas)
-
-    async def _insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+    async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         by_uri = {op.uri: op for op in ops}
         rows = {uri: _row(op) for uri, op in by_uri.items()}
         inserted = await conn.fetch(_INSERT_POST, *columns(list(rows.values()), len(_POST_COLS)))
@@ -162,7 +149,7 @@ class PostPlugin:
             for q in await conn.fetch(_INSERT_QUOTE, *columns(quotes, 6)):
                 deltas.post(q["subject"], "quoteCount", 1)
 
-    async def _delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
+    async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         uris = [op.uri for op in ops]
         deleted = await conn.fetch(_DELETE_POST, uris)
         for rec in deleted:

@@ -15,6 +15,8 @@ import pytest
 
 from indexer.aggregates import Deltas
 from indexer.db import Database
+from indexer.guard import Change
+from indexer.locks import lock_changes
 from indexer.metrics import Metrics
 from indexer.pipeline import Pipeline
 from indexer.plugin import Op, outcome_of
@@ -496,6 +498,12 @@ def _concurrent_pair(name: str) -> tuple[Any, Op, Any, Op, str, str]:
     }[name]
 
 
+async def _apply(conn: Any, plugin: Any, kind: str, op: Op) -> None:
+    """As the pipeline applies a change: its locks first, in one statement, then the plugin."""
+    await lock_changes(conn, {plugin.collection: plugin}, [Change(op, kind)])
+    await getattr(plugin, kind)(conn, [op], Deltas())
+
+
 @pytest.mark.parametrize(
     "pair", ["parent, then reply", "reply, then parent", "post, then gate", "gate, then post"]
 )
@@ -506,9 +514,9 @@ async def test_records_of_one_post_in_concurrent_transactions(database_url, db, 
     try:
         tx_one, tx_two = one.transaction(), two.transaction()
         await tx_one.start()
-        await first.insert(one, [first_op], Deltas())
+        await _apply(one, first, "insert", first_op)
         await tx_two.start()
-        task = asyncio.create_task(second.insert(two, [second_op], Deltas()))
+        task = asyncio.create_task(_apply(two, second, "insert", second_op))
         await asyncio.sleep(0.3)
         assert not task.done()  # waiting for the first transaction's lock on p1
         await tx_one.commit()
@@ -527,18 +535,18 @@ async def test_post_delete_locks_before_touching_rows(database_url, db):
     posts = PostPlugin()
     p1, r1 = uri(1, POST, "p1"), uri(2, POST, "r1")
     async with db.transaction():  # r1 replies to p1 (not yet known), naming another root
-        await posts.insert(db, [_op(posts, 2, "r1", reply(uri(9, POST, "x"), p1))], Deltas())
+        await _apply(db, posts, "insert", _op(posts, 2, "r1", reply(uri(9, POST, "x"), p1)))
     one, two = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
     try:
         tx_one, tx_two = one.transaction(), two.transaction()
         await tx_one.start()
-        await posts.insert(one, [_op(posts, 3, "s1", reply(p1, r1))], Deltas())  # shares r1
+        await _apply(one, posts, "insert", _op(posts, 3, "s1", reply(p1, r1)))  # shares r1
         await tx_two.start()
-        deleting = asyncio.create_task(posts.delete(two, [_op(posts, 2, "r1", {})], Deltas()))
+        deleting = asyncio.create_task(_apply(two, posts, "delete", _op(posts, 2, "r1", {})))
         await asyncio.sleep(0.3)
         assert not deleting.done()  # waiting for the lock on r1
         # p1 arrives: r1, its reply, becomes invalid; the row must not be held by the delete
-        await asyncio.wait_for(posts.insert(one, [_op(posts, 1, "p1", post_record())], Deltas()), 5)
+        await asyncio.wait_for(_apply(one, posts, "insert", _op(posts, 1, "p1", post_record())), 5)
         assert await one.fetchval('SELECT "invalidReplyRoot" FROM post WHERE uri = $1', r1)
         await tx_one.commit()
         await asyncio.wait_for(deleting, 10)
