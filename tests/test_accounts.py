@@ -270,23 +270,33 @@ async def test_an_interrupted_deletion_resumes(settings, redis, db, drain):
     await assert_no_drift(db)
 
 
-async def test_deletion_waits_for_a_batch_that_read_no_fence(settings, db, database_url):
-    """A batch with an old like of account 1 has read "no fence" and holds its commit while the
-    deletion commits; the deletion must wait for it and then remove that like too."""
+@pytest.mark.parametrize("held", ["before its commit", "right after its fence read"])
+async def test_deletion_waits_for_a_batch_that_read_no_fence(settings, db, database_url, held):
+    """A batch with an old like of account 1 has read "no fence" and is held while the deletion
+    commits; the deletion must wait for it and then remove that like too. Held right after its
+    fence read, the batch has written nothing yet: only the transaction id its fence read took
+    makes the deletion wait for it (else its like would outlive the account)."""
     q2 = uri(2, POST, "q2")
     database = await _open(settings)
     try:
         plain = Pipeline(database, registry())
         await plain.process(_batch(create(2, POST, "q2", post_record(), 1), identity(1, None, T0)))
-        gate = GatedDatabase(database_url, hold_commit=True)
-        held = Pipeline(gate, registry())  # type: ignore[arg-type]
-        batch = asyncio.create_task(held.process(_batch(create(1, LIKE, "l1", like_record(q2), 5))))
-        await gate.before_commit.wait()
+        if held == "before its commit":
+            gate = GatedDatabase(database_url, hold_commit=True)
+            arrived, release = gate.before_commit, gate.release
+        else:
+            gate = GatedDatabase(database_url, pause_at="INSERT INTO record_state")
+            arrived, release = gate.reached, gate.go
+        paused = Pipeline(gate, registry())  # type: ignore[arg-type]
+        batch = asyncio.create_task(
+            paused.process(_batch(create(1, LIKE, "l1", like_record(q2), 5)))
+        )
+        await arrived.wait()
         await plain.process(_batch(account(1, "deleted")))
         deletion = asyncio.create_task(AccountDeletions(database, registry()).run_pending())
         await asyncio.sleep(0.3)
         assert not deletion.done()  # waiting for the held batch
-        gate.release.set()
+        release.set()
         await batch
         assert await asyncio.wait_for(deletion, 10) == 1
     finally:
@@ -341,35 +351,6 @@ async def test_taking_a_handle_never_clears_the_holders_new_handle(settings, db,
     assert [(r["did"], r["handle"]) for r in rows] == [
         (did(1), "h1.example"), (did(2), "h2.example")
     ]  # fmt: skip
-
-
-async def test_deletion_waits_for_a_batch_paused_right_after_its_fence_read(
-    settings, db, database_url
-):
-    """The batch has read "no fence" and written nothing yet: only the transaction id its
-    fence read took makes the deletion wait for it (else its like would outlive the account)."""
-    q2 = uri(2, POST, "q2")
-    database = await _open(settings)
-    try:
-        plain = Pipeline(database, registry())
-        await plain.process(_batch(create(2, POST, "q2", post_record(), 1), identity(1, None, T0)))
-        gate = GatedDatabase(database_url, pause_at="INSERT INTO record_state")
-        paused = Pipeline(gate, registry())  # type: ignore[arg-type]
-        like = create(1, LIKE, "l1", like_record(q2), 5)
-        batch = asyncio.create_task(paused.process(_batch(like)))
-        await gate.reached.wait()
-        await plain.process(_batch(account(1, "deleted")))
-        deletion = asyncio.create_task(AccountDeletions(database, registry()).run_pending())
-        await asyncio.sleep(0.3)
-        assert not deletion.done()  # waiting for the paused batch
-        gate.go.set()
-        await batch
-        assert await asyncio.wait_for(deletion, 10) == 1
-    finally:
-        await database.close()
-    assert await db.fetchval('SELECT count(*) FROM "like"') == 0
-    assert await db.fetchval('SELECT "likeCount" FROM post_agg WHERE uri = $1', q2) == 0
-    await assert_no_drift(db)
 
 
 async def test_deletions_amid_the_live_stream_decrement_exactly(settings, redis, db):

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter
 
+from indexer.config import Settings
 from indexer.health import Health, HealthServer
 from indexer.metrics import Metrics
 from indexer.migrate import load_migrations
@@ -97,9 +98,9 @@ async def test_replica_with_a_backlog_that_does_not_move_is_unhealthy(settings, 
     assert replica.indexed == 200
 
 
-async def test_ready_is_false_while_postgres_is_unreachable(settings):
-    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
-    settings = settings.replace(database_url=closed, stats_interval_s=0.1, startup_timeout_s=1)
+async def _not_ready(settings: Settings, words: str) -> tuple[str, BaseException | None]:
+    """Run a replica until `/ready` answers 503 naming `words`; that answer, and what the run,
+    which must end within 30 s, ended with."""
     metrics = Metrics()
     replica = Replica(settings, registry(), metrics)
     async with HealthServer(metrics.registry, replica.health, 0) as server:
@@ -107,13 +108,21 @@ async def test_ready_is_false_while_postgres_is_unreachable(settings):
 
         async def reported():
             status, body = await get(server.port, "/ready")
-            return body if "postgres: not connected yet" in body and status == 503 else None
+            return body if words in body and status == 503 else None
 
         body = await until(reported)
-        assert "redis:" not in body  # Redis is there and loaded
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(run, 30)
-        assert run.done()
+    assert run.done()
+    return body, run.exception()
+
+
+async def test_ready_is_false_while_postgres_is_unreachable(settings):
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    settings = settings.replace(database_url=closed, stats_interval_s=0.1, startup_timeout_s=1)
+    body, ended = await _not_ready(settings, "postgres: not connected yet")
+    assert "redis:" not in body  # Redis is there and loaded
+    assert ended is None or isinstance(ended, ConnectionError)
 
 
 async def test_ready_is_false_on_an_unmigrated_database(settings, postgres_server):
@@ -124,19 +133,8 @@ async def test_ready_is_false_on_an_unmigrated_database(settings, postgres_serve
             stats_interval_s=0.1,
             startup_timeout_s=1,
         )
-        metrics = Metrics()
-        replica = Replica(settings, registry(), metrics)
-        async with HealthServer(metrics.registry, replica.health, 0) as server:
-            run = asyncio.create_task(replica.run())
-
-            async def reported():
-                status, body = await get(server.port, "/ready")
-                return body if "schema: migrations" in body and status == 503 else None
-
-            body = await until(reported)
-            assert body == f"schema: migrations {_ALL_MIGRATIONS} not applied\n"
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(run, 30)
+        body, _ = await _not_ready(settings, "schema: migrations")
+        assert body == f"schema: migrations {_ALL_MIGRATIONS} not applied\n"
     finally:
         postgres_server.drop_database("health_unmigrated")
 

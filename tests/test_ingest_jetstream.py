@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from indexer.config import ConfigError, load_settings
 from indexer.constants import cursor_key
 from indexer.jetstream import JetstreamSource
-from indexer.source import Position
+from indexer.source import Position, host_of
 from tests.fake_jetstream import GARBAGE_BINARY, GARBAGE_TEXT, FakeJetstream
 from tests.ingest_helpers import (
     cli_env,
@@ -52,7 +52,7 @@ async def test_every_event_reaches_the_stream_with_its_cursor(redis_server, clie
         assert fake.queries[0].get("compress") == (["true"] if compress else None)
         assert "cursor" not in fake.queries[0]  # nothing saved: live
     assert await stream_entries(client, settings.live_stream) == envelopes_of(events)
-    host = fake.url.split("/")[2]
+    host = host_of(fake.url)
     assert int(await client.get(cursor_key(settings.live_stream, host))) == events[-1]["time_us"]
     kinds = {e["commit"]["operation"] if e["kind"] == "commit" else e["kind"] for e in events}
     added = {k: sample(metrics, "ingester_events_total", source="jetstream", kind=k) for k in kinds}
@@ -163,7 +163,7 @@ async def test_v2_messages_carry_a_sequence_cursor(redis_server, client):
     assert fake.cursors == [None, 600]  # a sequence resumes where it was: no rewind
     entries = [msgspec.json.decode(e) for e in await stream_entries(client, settings.live_stream)]
     assert [e["seq"] for e in entries] == list(range(1, 1001))
-    key = cursor_key(settings.live_stream, fake.url.split("/")[2])
+    key = cursor_key(settings.live_stream, host_of(fake.url))
     assert await client.get(key) == f"1000@{events[-1]['time_us']}".encode()  # seq and time
 
 
@@ -253,7 +253,7 @@ async def test_restart_resumes_from_the_newest_position_of_any_host(redis_server
             )
         t599, t999 = events[599]["time_us"], events[999]["time_us"]
         assert b.cursors == [t599 - 100_000]
-        host_a, host_b = a.url.split("/")[2], b.url.split("/")[2]
+        host_a, host_b = host_of(a.url), host_of(b.url)
         assert await client.get(cursor_key(stream, host_a)) == f"600@{t599}".encode()
         assert await client.get(cursor_key(stream, host_b)) == f"500@{t999}".encode()
         async with running(settings, source):
@@ -276,7 +276,7 @@ async def test_a_saved_v1_time_then_v2_messages_compare_times(redis_server, clie
     settings = ingest_settings(redis_server.url)
     stream = settings.live_stream
     async with FakeJetstream(events, version=2) as fake:
-        key = cursor_key(stream, fake.url.split("/")[2])
+        key = cursor_key(stream, host_of(fake.url))
         await client.set(key, events[100]["time_us"])
         source = JetstreamSource(settings.replace(jetstream_urls=(fake.url,)))
         async with running(settings, source) as (_, metrics):
@@ -440,7 +440,7 @@ async def test_kill_9_while_streaming_loses_nothing_and_repeats_nothing(redis_se
     stream = settings.live_stream
     async with FakeJetstream(events) as fake:
         env = cli_env(settings, JETSTREAM_URL=fake.url)
-        key = cursor_key(stream, fake.url.split("/")[2])
+        key = cursor_key(stream, host_of(fake.url))
         out, err, code = await kill_9_repeatedly(
             client, env, "jetstream", key, kills=4, step=2000, total=len(events), stream=stream
         )

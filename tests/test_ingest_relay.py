@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from indexer.constants import cursor_key
 from indexer.events import time_from_us
 from indexer.relay import RelaySource, car_blocks
-from indexer.source import BadFrame
+from indexer.source import BadFrame, host_of
 from tests.fake_relay import (
     CBOR_GARBAGE,
     FakeRelay,
@@ -137,7 +137,7 @@ async def test_frames_become_envelopes_with_records_as_appview_json(redis_server
         for reason in ("filtered", "too_big", "sync", "info", "unknown", "error", "bad_frame")
     }
     assert skipped == dict.fromkeys(skipped, 1)
-    host = fake.url.split("/")[2]
+    host = host_of(fake.url)
     assert int(await client.get(cursor_key(settings.live_stream, host))) == 2005
     assert ingester.added == 2004
     assert sample(metrics, "ingester_events_total", source="relay", kind="create") > 1500
@@ -181,7 +181,7 @@ async def test_a_future_cursor_falls_back_to_the_live_stream(redis_server, clien
     events = workload(100)
     settings = ingest_settings(redis_server.url)
     async with FakeRelay(events) as fake:
-        key = cursor_key(settings.live_stream, fake.url.split("/")[2])
+        key = cursor_key(settings.live_stream, host_of(fake.url))
         await client.set(key, 5000)
         source = RelaySource(settings.replace(relay_url=fake.base_url))
         with caplog.at_level(logging.ERROR, logger="indexer.ingester"):
@@ -260,7 +260,7 @@ async def test_kill_9_while_streaming_loses_nothing_and_repeats_nothing(redis_se
     stream = settings.live_stream
     async with FakeRelay(events) as fake:
         env = cli_env(settings, RELAY_URL=fake.base_url)
-        key = cursor_key(stream, fake.url.split("/")[2])
+        key = cursor_key(stream, host_of(fake.url))
         _, err, code = await kill_9_repeatedly(
             client, env, "relay", key, kills=3, step=1500, total=len(events), stream=stream
         )

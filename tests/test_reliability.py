@@ -6,8 +6,10 @@ import asyncio
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from redis._parsers import BaseParser
 
+from indexer.config import Settings
 from indexer.db import Database
 from indexer.metrics import Metrics
 from indexer.replica import Replica, _redis_transient
@@ -170,12 +172,19 @@ async def test_consumers_removed_when_done_or_long_idle_but_never_with_pending(s
     assert replica.indexed == 2
 
 
+async def _held_by_a(
+    settings: Settings, redis: aioredis.Redis, n: int
+) -> tuple[StreamConsumer, list[str]]:
+    """`n` entries delivered to consumer "a" and pending on it: its StreamConsumer, their ids."""
+    ids = await push(redis, settings.live_stream, _likes(n))
+    await StreamConsumer(settings, redis).ensure_groups()
+    await redis.xreadgroup(settings.group, "a", {settings.live_stream: ">"}, count=n)
+    return StreamConsumer(settings.replace(consumer="a"), redis), ids
+
+
 async def test_touch_keeps_entries_in_hand_but_never_takes_back_a_claimed_one(settings, redis):
     stream = settings.live_stream
-    ids = await push(redis, stream, _likes(3))
-    await StreamConsumer(settings, redis).ensure_groups()
-    mine = StreamConsumer(settings.replace(consumer="a"), redis)
-    await redis.xreadgroup(settings.group, "a", {stream: ">"}, count=3)
+    mine, ids = await _held_by_a(settings, redis, 3)
     await asyncio.sleep(0.3)
     await redis.xclaim(stream, settings.group, "b", 200, [ids[2]])  # another replica took one
     assert await mine.touch(stream, ids) == 2
@@ -259,10 +268,7 @@ async def test_a_claim_never_takes_an_entry_another_replica_claimed_meanwhile(se
     """Recovery claims its own entries with min-idle 0 from a pending list read earlier: one that
     another replica took over since then stays with it, the others come back with their events."""
     stream = settings.live_stream
-    ids = await push(redis, stream, _likes(3))
-    await StreamConsumer(settings, redis).ensure_groups()
-    mine = StreamConsumer(settings.replace(consumer="a"), redis)
-    await redis.xreadgroup(settings.group, "a", {stream: ">"}, count=3)
+    mine, ids = await _held_by_a(settings, redis, 3)
     pending = await mine.idle_pending(stream, 0, 10, "a")
     assert [p.consumer for p in pending] == ["a", "a", "a"]
     await redis.xclaim(stream, settings.group, "b", 0, [ids[1]])  # another replica took one
@@ -290,10 +296,7 @@ async def test_closing_the_pool_is_bounded_even_with_a_connection_held(settings)
 
 async def test_entries_in_hand_are_touched_and_claimed_when_redis_is_out_of_memory(settings, redis):
     stream = settings.live_stream
-    ids = await push(redis, stream, _likes(2))
-    await StreamConsumer(settings, redis).ensure_groups()
-    mine = StreamConsumer(settings.replace(consumer="a"), redis)
-    await redis.xreadgroup(settings.group, "a", {stream: ">"}, count=2)
+    mine, ids = await _held_by_a(settings, redis, 2)
     pending = await mine.idle_pending(stream, 0, 10, "a")
     await redis.config_set("maxmemory", 1)  # every command that needs memory is refused
     try:
