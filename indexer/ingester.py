@@ -25,7 +25,7 @@ import random
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -54,6 +54,7 @@ from indexer.source import (
     host_of,
 )
 from indexer.startup import wait_for_redis
+from indexer.stream import checked_lag, text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -207,9 +208,7 @@ class Ingester:
         hosts = [host_of(url) for url in self._source.urls]
         values = await self._redis.mget([cursor_key(self._stream, h) for h in hosts])
         saved = [
-            self._source.saved_position(h, _text(v))
-            for h, v in zip(hosts, values, strict=True)
-            if v
+            self._source.saved_position(h, text(v)) for h, v in zip(hosts, values, strict=True) if v
         ]
         if saved:
             # Newest by event time: sequences of different hosts do not compare.
@@ -464,9 +463,13 @@ class Ingester:
             raise length
         backlog = int(length)
         if not isinstance(groups, ResponseError):  # no such stream yet: no group either
-            mine = next((g for g in groups if _text(g["name"]) == self._settings.group), None)
-            if mine is not None and mine.get("lag") is not None:
-                backlog = int(mine["lag"]) + int(mine["pending"])
+            mine = next((g for g in groups if text(g["name"]) == self._settings.group), None)
+            if mine is not None:
+                last_delivered = text(mine["last-delivered-id"])
+                lag = await checked_lag(self._redis, self._stream, last_delivered,
+                                        mine.get("lag"), backlog)  # fmt: skip
+                if lag is not None:
+                    backlog = lag + int(mine["pending"])
         self._metrics.backlog.set(backlog)
         return backlog
 
@@ -531,7 +534,3 @@ def _recency(position: Position) -> tuple[bool, int]:
     if position.time_us is not None:
         return True, position.time_us
     return False, position.cursor
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

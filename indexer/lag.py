@@ -28,7 +28,7 @@ from rich.table import Table
 from indexer.config import Settings
 from indexer.constants import EVENT_FIELD, dlq_stream
 from indexer.metrics import Metrics
-from indexer.stream import checked_lag
+from indexer.stream import checked_lag, text
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,9 @@ async def collect(
         length = int(await client.xlen(stream))
         dlq = int(await client.xlen(dlq_stream(stream)))
         infos = await client.xinfo_groups(stream) if length or await client.exists(stream) else []
-        names = [_text(g["name"]) for g in infos]
+        names = [text(g["name"]) for g in infos]
         for info in infos:
-            if others or _text(info["name"]) == group:
+            if others or text(info["name"]) == group:
                 found.append(await _group(client, stream, length, dlq, info))
         if group not in names:
             # Nothing delivered yet: everything in the stream is still to come.
@@ -110,9 +110,9 @@ async def collect(
 async def _group(
     client: aioredis.Redis, stream: str, length: int, dlq: int, info: dict[Any, Any]
 ) -> GroupFigures:
-    name = _text(info["name"])
+    name = text(info["name"])
     figures = GroupFigures(stream, name, length, dlq)
-    figures.last_delivered_id = _text(info["last-delivered-id"])
+    figures.last_delivered_id = text(info["last-delivered-id"])
     figures.pending = int(info["pending"])
     lag = await checked_lag(client, stream, figures.last_delivered_id, info.get("lag"), length)
     if lag is None:
@@ -124,7 +124,7 @@ async def _group(
     oldest_id = None
     if figures.pending:
         summary = await client.xpending(stream, name)
-        oldest_id = _text(summary["min"]) if summary.get("min") else None
+        oldest_id = text(summary["min"]) if summary.get("min") else None
     now = time.time()
     if oldest_id is not None:
         figures.oldest_pending_s = max(0.0, now - _id_ms(oldest_id) / 1000)
@@ -141,7 +141,7 @@ async def _consumers(client: aioredis.Redis, stream: str, group: str) -> list[Co
             return []
         raise
     return [
-        ConsumerFigures(_text(r["name"]), int(r["pending"]), int(r["idle"]) / 1000) for r in rows
+        ConsumerFigures(text(r["name"]), int(r["pending"]), int(r["idle"]) / 1000) for r in rows
     ]
 
 
@@ -167,8 +167,8 @@ def _event_time(fields: dict[Any, Any] | None) -> float | None:
     if not raw:
         return None
     try:
-        text = _timed.decode(raw).time
-        return datetime.fromisoformat(text).timestamp() if text else None
+        stamp = _timed.decode(raw).time
+        return datetime.fromisoformat(stamp).timestamp() if stamp else None
     except (msgspec.DecodeError, ValueError):
         return None
 
@@ -242,10 +242,6 @@ def _age(seconds: float | None) -> str:
 
 def _id_ms(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def report(

@@ -146,8 +146,8 @@ class StreamConsumer:
         )
         return [
             PendingEntry(
-                _text(r["message_id"]),
-                _text(r["consumer"]),
+                text(r["message_id"]),
+                text(r["consumer"]),
                 int(r["time_since_delivered"]),
                 int(r["times_delivered"]),
             )
@@ -197,7 +197,7 @@ class StreamConsumer:
             if "NOGROUP" in str(exc) or "no such key" in str(exc):
                 return []
             raise
-        return [(_text(r["name"]), int(r["pending"]), int(r["idle"])) for r in rows]
+        return [(text(r["name"]), int(r["pending"]), int(r["idle"])) for r in rows]
 
     async def trim(self, stream: str) -> str | None:
         """Trim the stream below the oldest entry that some group still has pending or has not
@@ -212,9 +212,9 @@ class StreamConsumer:
                 summary = await self._redis.xpending(stream, group["name"])
                 oldest = summary.get("min")
             if oldest is not None:
-                keep.append(stream_id(_text(oldest)))
+                keep.append(stream_id(text(oldest)))
             else:
-                ms, seq = stream_id(_text(group["last-delivered-id"]))
+                ms, seq = stream_id(text(group["last-delivered-id"]))
                 keep.append((ms, seq + 1))
         ms, seq = min(keep)
         boundary = f"{ms}-{seq}"
@@ -256,7 +256,7 @@ class StreamConsumer:
             if mine is None:
                 states.append(GroupState(stream, length, length, 0, 0))
                 continue
-            last_delivered = _text(mine["last-delivered-id"])
+            last_delivered = text(mine["last-delivered-id"])
             lag = await checked_lag(self._redis, stream, last_delivered, mine.get("lag"), length)
             if lag is None:
                 lag = await self._lag_from_ids(stream, last_delivered)
@@ -270,13 +270,13 @@ class StreamConsumer:
         found = {}
         for stream in self._settings.streams:
             mine = await self._group_info(stream)
-            found[stream] = _text(mine["last-delivered-id"]) if mine else "0-0"
+            found[stream] = text(mine["last-delivered-id"]) if mine else "0-0"
         return found
 
     async def _group_info(self, stream: str) -> dict[Any, Any] | None:
         """Our group's entry in XINFO GROUPS of a stream, or None if it has no such group."""
         groups = await self._redis.xinfo_groups(stream)
-        return next((g for g in groups if _text(g["name"]) == self._group), None)
+        return next((g for g in groups if text(g["name"]) == self._group), None)
 
     async def _lag_from_ids(self, stream: str, last_delivered: str) -> int:
         """For when Redis cannot say: 1 if any entry follows the last delivered id, else 0.
@@ -315,7 +315,8 @@ def stream_id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A Redis reply value (bytes, or already text) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -327,8 +328,8 @@ def _fields(flat: list[Any] | None) -> dict[Any, Any] | None:
 def _entries(reply: Any) -> list[Entry]:
     entries = []
     for stream, messages in reply or []:
-        name = _text(stream)
+        name = text(stream)
         for entry_id, fields in messages:
             raw = fields.get(EVENT_FIELD) if fields else None
-            entries.append(Entry(name, _text(entry_id), raw))
+            entries.append(Entry(name, text(entry_id), raw))
     return entries

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from indexer.config import ConfigError, load_settings
 from indexer.constants import cursor_key
+from indexer.ingester import Ingester, IngesterMetrics
 from indexer.jetstream import JetstreamSource
 from indexer.source import Position, host_of
 from tests.fake_jetstream import GARBAGE_BINARY, GARBAGE_TEXT, FakeJetstream
@@ -513,3 +514,28 @@ async def test_one_event_ahead_of_the_others_does_not_hide_those_after_it(redis_
     expected = envelopes_of([*events[:150], ahead, *events[150:]])
     assert await stream_entries(client, settings.live_stream) == expected
     assert sample(metrics, "ingester_skipped_total", source="jetstream", reason="duplicate") == 0
+
+
+async def test_the_backlog_ignores_entries_trimmed_before_delivery(redis_server, client):
+    """A foreign XTRIM MAXLEN drops entries the group never read; Redis 7.0 counts them as lag
+    forever. The backlog that gates backpressure must not, or the ingester would stay paused."""
+    settings = ingest_settings(redis_server.url)
+    stream, group = settings.live_stream, settings.group
+    await client.xgroup_create(stream, group, id="0", mkstream=True)
+    for n in range(10):
+        await client.xadd(stream, {"event": b"{}", "n": n})
+    for count in (2, None):
+        if count is None:
+            await client.xtrim(stream, maxlen=3, approximate=False)
+        reply = await client.xreadgroup(group, "c", {stream: ">"}, count=count)
+        await client.xack(stream, group, *[i for _, entries in reply for i, _ in entries])
+    [info] = await client.xinfo_groups(stream)
+    assert info["lag"] == 5  # what Redis says
+    ingester = Ingester(settings, JetstreamSource(settings), IngesterMetrics("jetstream"))
+    try:
+        assert await ingester._backlog() == 0
+        await client.xadd(stream, {"event": b"{}"})
+        # Redis now says 6, more than the stream holds: the stream's length stands in for it
+        assert await ingester._backlog() == await client.xlen(stream) == 4
+    finally:
+        await ingester._redis.aclose()
