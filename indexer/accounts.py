@@ -35,11 +35,11 @@ from asyncpg import Record
 from indexer.constants import MAX_CID_CHARS, MAX_SHORT_CHARS
 from indexer.db import Connection
 from indexer.events import Account, Identity, Repo
+from indexer.locks import HANDLES, lock_names
 from indexer.normalize import clean_text
 from indexer.plugin import columns
 
 DELETED: Final = "deleted"
-_HANDLE_LOCK: Final = 0x1DE8_0002  # pg_advisory_xact_lock(namespace, hashtext(handle))
 
 _NEWER_KEYS = (
     'INSERT INTO account_state (did, "statusKey") '
@@ -83,10 +83,6 @@ _CLEAR_HANDLES = (
 _GIVE_HANDLES = (
     "UPDATE actor a SET handle = w.h FROM unnest($1::varchar[], $2::varchar[]) AS w(h, did) "
     "WHERE a.did = w.did AND a.handle IS DISTINCT FROM w.h"
-)
-_LOCK_HANDLES = (  # in lock-key order, so concurrent batches cannot deadlock on them
-    "SELECT pg_advisory_xact_lock($1, k) "
-    "FROM (SELECT DISTINCT hashtext(h) AS k FROM unnest($2::varchar[]) AS h ORDER BY 1) AS c"
 )
 _FENCE = (
     'INSERT INTO account_fence (did, "deletedAt", pending) '
@@ -209,7 +205,7 @@ async def _handles(conn: Connection, ops: list[AccountOp], states: dict[str, Rec
     touched |= {claim for _, _, claim in rows}
     handles = sorted(h for h in touched if h)
     if handles:
-        await conn.execute(_LOCK_HANDLES, _HANDLE_LOCK, handles)
+        await lock_names(conn, [(h, True) for h in handles], HANDLES)
         winners = {r["claim"]: r["did"] for r in await conn.fetch(_WINNERS, handles)}
         holders = [winners.get(h) for h in handles]
         await conn.execute(_CLEAR_HANDLES, handles, holders)

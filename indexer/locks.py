@@ -19,21 +19,25 @@ from indexer.plugin import Locking, Plugin
 if TYPE_CHECKING:
     from indexer.guard import Change
 
-# The first key of our two-key advisory locks: one lock space for record uris.
-_NS: Final = 0x706F7374
+# The first key of our two-key advisory locks: one lock space per kind of name.
+RECORDS: Final = 0x706F7374  # record uris
+HANDLES: Final = 0x1DE8_0002  # handles (indexer.accounts)
 _LOCK: Final = (
-    f"SELECT CASE WHEN x THEN pg_advisory_xact_lock({_NS}, k) "
-    f"ELSE pg_advisory_xact_lock_shared({_NS}, k) END "
+    "SELECT CASE WHEN x THEN pg_advisory_xact_lock($3, k) "
+    "ELSE pg_advisory_xact_lock_shared($3, k) END "
     "FROM (SELECT hashtext(u) AS k, bool_or(x) AS x "
     "FROM unnest($1::varchar[], $2::bool[]) AS t(u, x) GROUP BY 1 ORDER BY 1) AS keys"
 )
 
 
-async def lock_uris(conn: Connection, keys: Iterable[tuple[str, bool]]) -> None:
-    """Until commit: a lock on each uri, exclusive where any key asks for it, else shared."""
+async def lock_names(
+    conn: Connection, keys: Iterable[tuple[str, bool]], space: int = RECORDS
+) -> None:
+    """Until commit, in one statement and key order: a lock on each name of `space`,
+    exclusive where any key asks for it, else shared."""
     pairs = list(keys)
     if pairs:
-        await conn.execute(_LOCK, [u for u, _ in pairs], [x for _, x in pairs])
+        await conn.execute(_LOCK, [u for u, _ in pairs], [x for _, x in pairs], space)
 
 
 async def lock_changes(
@@ -49,4 +53,4 @@ async def lock_changes(
             locking[collection] = plugin if isinstance(plugin, Locking) else None
         if (owner := locking[collection]) is not None:
             keys.extend(owner.locks(change.op, change.kind))
-    await lock_uris(conn, keys)
+    await lock_names(conn, keys)
