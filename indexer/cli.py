@@ -8,16 +8,18 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Annotated, Any, NoReturn, TypeVar
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
 
 import typer
-from redis.exceptions import RedisError
 
 from indexer import constants
-from indexer.config import ConfigError, Settings, load_settings, mask_url
-from indexer.dlq import NotFound
-from indexer.migrate import SchemaNotReady
+from indexer.cli_backfill import backfill_app
+from indexer.cli_support import fail as _fail
+from indexer.cli_support import run as _run
+from indexer.cli_support import state as _state
+from indexer.cli_support import with_redis as _with_redis
+from indexer.config import ConfigError, Settings, load_settings
 
 T = TypeVar("T")
 log = logging.getLogger("indexer")
@@ -35,17 +37,11 @@ dlq_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(backfill_app, name="backfill")
 
 StreamOption = Annotated[
     str | None, typer.Option("--stream", help="Only this stream's dead letters (default: all).")
 ]
-
-
-class State:
-    settings: Settings
-
-
-_state = State()
 
 
 @app.callback()
@@ -185,11 +181,22 @@ def run(
     ] = False,
     batch_size: Annotated[int | None, typer.Option(help="INDEXER_BATCH_SIZE.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="INDEXER_CONCURRENCY.")] = None,
+    bulk_backfill: Annotated[
+        bool | None,
+        typer.Option(
+            "--bulk-backfill",
+            help="INDEXER_BULK_BACKFILL: backfill entries move no counter (rebuild them with "
+            "`indexer reconcile --all` once the backfill is drained); live ones stay exact.",
+        ),
+    ] = None,
 ) -> None:
     """Run one indexer replica of the consumer group."""
     try:
         settings = _state.settings.replace(
-            consumer=consumer, batch_size=batch_size, concurrency=concurrency
+            consumer=consumer,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            bulk_backfill=bulk_backfill,
         )
     except ConfigError as exc:
         _fail(str(exc), 2)
@@ -300,17 +307,6 @@ def _dlq_streams(stream: str | None) -> tuple[str, ...]:
     return (stream,) if stream else _state.settings.streams
 
 
-async def _with_redis(use: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `use` with a Redis client that is closed afterwards."""
-    from indexer.stream import connect
-
-    client = connect(_state.settings)
-    try:
-        return await use(client)
-    finally:
-        await client.aclose()
-
-
 @app.command()
 def lag(
     json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
@@ -377,6 +373,10 @@ def compare(
         ),
     ] = None,
     examples: Annotated[int, typer.Option(min=0, help="Missing URIs shown per collection.")] = 3,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Backfill the repos whose creates are missing (each round)."),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ) -> None:
     """Jetstream rate comparison: network rate vs indexed rate per collection, coverage %."""
@@ -392,14 +392,20 @@ def compare(
         grace_s=grace,
         examples=examples,
     )
+    from indexer.cli_backfill import repair_missing
+
+    fix = repair_missing if repair else None
     if every is not None:
         every_round = cmp.continuously(
-            opts, settings, every, json_out=json_out, min_coverage_pct=min_coverage
+            opts, settings, every, json_out=json_out, min_coverage_pct=min_coverage, repair=fix
         )
         raise typer.Exit(_run(every_round))
     result = _run(cmp.compare(opts, settings.database_url))
     cmp.show(result, json_out)
-    raise typer.Exit(cmp.verdict(result, min_coverage))
+    code = cmp.verdict(result, min_coverage)
+    if fix is not None and result.missing_repos:
+        _run(fix(result.missing_repos))
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -461,36 +467,6 @@ def reconcile(
     )
     for counter, n in sorted(report.by_counter.items()):
         typer.echo(f"  {counter}: {n} keys drifted")
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop; expected failures become one line on stderr and exit 1."""
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except (ConnectionError, RedisError, OSError) as exc:
-        _fail(_describe(exc), 1)
-    except (SchemaNotReady, NotFound) as exc:
-        _fail(str(exc), 1)
-    except ValueError as exc:
-        _fail(str(exc), 2)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or exc.__class__.__name__
-    settings = getattr(_state, "settings", None)
-    if settings is not None:
-        for url in (settings.redis_url, settings.database_url):
-            text = text.replace(url, mask_url(url))
-    if isinstance(exc, RedisError):
-        return f"redis at {mask_url(settings.redis_url) if settings else '?'}: {text}"
-    return text
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -85,6 +85,7 @@ class CollectionCoverage:
     indexed_per_s: float
     coverage_pct: float | None
     missing_examples: list[str] = field(default_factory=list)
+    missing_repos: list[str] = field(default_factory=list)  # the DIDs of all missing creates
 
 
 @dataclass(slots=True)
@@ -97,6 +98,11 @@ class Comparison:
     @property
     def network_total(self) -> int:
         return sum(c.network for c in self.collections)
+
+    @property
+    def missing_repos(self) -> list[str]:
+        """Every repo with a create the network has and the database lacks."""
+        return sorted({did for c in self.collections for did in c.missing_repos})
 
     def below(self, min_coverage_pct: float) -> list[CollectionCoverage]:
         """Collections that saw creates and found fewer than `min_coverage_pct` of them."""
@@ -232,6 +238,7 @@ async def check_database(
                 indexed_per_s=indexed / window.seconds,
                 coverage_pct=100.0 * indexed / network if network else None,
                 missing_examples=missing[: opts.examples],
+                missing_repos=sorted({uri.split("/", 3)[2] for uri in missing}),
             )
         )
     return report
@@ -371,11 +378,13 @@ async def continuously(
     *,
     json_out: bool,
     min_coverage_pct: float | None = None,
+    repair: Callable[[list[str]], Coroutine[Any, Any, object]] | None = None,
 ) -> int:
     """A comparison every `every_s` until SIGINT/SIGTERM, exported as `indexer_coverage_ratio`
     on METRICS_PORT with /health (Jetstream silent for `stall_after_s` while listened to is
     unhealthy) and /ready (the last round heard creates and read the database). A failed round
-    is logged and its figures set to NaN; collections below `min_coverage_pct` are logged."""
+    is logged and its figures set to NaN; collections below `min_coverage_pct` are logged;
+    `repair` is given the repos with missing creates after each round."""
     metrics = CoverageMetrics()
     health = Health(settings.stall_after_s, checks=("jetstream", "postgres"))
     silence = SourceSilence(health)
@@ -393,6 +402,10 @@ async def continuously(
                 publish(metrics, result)
                 show(result, json_out)
                 verdict(result, min_coverage_pct)
+                if repair is not None and result.missing_repos:
+                    await _alive_until(
+                        asyncio.create_task(repair(result.missing_repos)), stop, health
+                    )
             elif not stop.is_set():
                 publish_failed(metrics, opts.collections)
             pause = asyncio.create_task(

@@ -52,6 +52,14 @@ class Settings:
     ingester_queue_bytes: int = c.DEFAULT_INGESTER_QUEUE_BYTES
     ingester_backoff_s: float = c.DEFAULT_INGESTER_BACKOFF_S
     jetstream_compress: bool = True
+    # Backfill (issue 9).
+    backfill_concurrency: int = c.DEFAULT_BACKFILL_CONCURRENCY
+    backfill_per_host: int = c.DEFAULT_BACKFILL_PER_HOST
+    backfill_attempts: int = c.DEFAULT_BACKFILL_ATTEMPTS
+    backfill_backoff_s: float = c.DEFAULT_BACKFILL_BACKOFF_S
+    backfill_timeout_s: float = c.DEFAULT_BACKFILL_TIMEOUT_S
+    backfill_high_water_mark: int = c.DEFAULT_BACKFILL_HIGH_WATER_MARK
+    bulk_backfill: bool = False  # replicas skip counter deltas of backfill entries
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "concurrency", "db_pool_size", "max_deliveries"):
@@ -74,6 +82,15 @@ class Settings:
         if urlsplit(self.database_url).scheme not in ("postgresql", "postgres"):
             raise ConfigError(f"DATABASE_URL must be postgresql://: {mask_url(self.database_url)}")
         self._check_ingester()
+        backfill = {
+            "BACKFILL_CONCURRENCY": self.backfill_concurrency,
+            "BACKFILL_PER_HOST": self.backfill_per_host,
+            "BACKFILL_ATTEMPTS": self.backfill_attempts,
+            "BACKFILL_HIGH_WATER_MARK": self.backfill_high_water_mark,
+        }
+        for var, count in backfill.items():
+            if count < 1:
+                raise ConfigError(f"{var} must be at least 1, got {count}")
 
     def _check_ingester(self) -> None:
         for var, count in (("INGESTER_QUEUE_SIZE", self.ingester_queue_size),
@@ -145,6 +162,13 @@ _ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "INGESTER_QUEUE_BYTES": ("ingester_queue_bytes", int),
     "INGESTER_BACKOFF_S": ("ingester_backoff_s", float),
     "JETSTREAM_COMPRESS": ("jetstream_compress", lambda v: _flag(v)),
+    "BACKFILL_CONCURRENCY": ("backfill_concurrency", int),
+    "BACKFILL_PER_HOST": ("backfill_per_host", int),
+    "BACKFILL_ATTEMPTS": ("backfill_attempts", int),
+    "BACKFILL_BACKOFF_S": ("backfill_backoff_s", float),
+    "BACKFILL_TIMEOUT_S": ("backfill_timeout_s", float),
+    "BACKFILL_HIGH_WATER_MARK": ("backfill_high_water_mark", int),
+    "INDEXER_BULK_BACKFILL": ("bulk_backfill", lambda v: _flag(v)),
 }
 
 ENVIRONMENT_VARIABLES = tuple(_ENV)

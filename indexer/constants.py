@@ -70,6 +70,22 @@ ACCOUNT_DELETION_CHUNK = 500
 ACCOUNT_DELETION_POLL_S = 1.0
 DEFAULT_RECONCILE_CHUNK = 1000
 
+# Backfill: repos fetched at once in all and per host, attempts per request, first retry delay
+# (doubling, with jitter) and the longest wait, even when a server asks for more; per-request
+# timeout; the backfill stream's backlog (lag + pending) at which adding pauses; a repo larger
+# than this is refused; listRepos page size; envelopes per MULTI.
+DEFAULT_BACKFILL_CONCURRENCY = 8
+DEFAULT_BACKFILL_PER_HOST = 2
+DEFAULT_BACKFILL_ATTEMPTS = 6
+DEFAULT_BACKFILL_BACKOFF_S = 1.0
+BACKFILL_BACKOFF_MAX_S = 300.0
+DEFAULT_BACKFILL_TIMEOUT_S = 300.0
+DEFAULT_BACKFILL_HIGH_WATER_MARK = 200_000
+BACKFILL_MAX_REPO_BYTES = 2**30
+BACKFILL_PAGE = 1000
+BACKFILL_CHUNK = 1000
+BACKFILL_PROGRESS_S = 10.0
+
 # Bounds applied before anything reaches PostgreSQL.
 MAX_TEXT_CHARS = 30_000
 MAX_SHORT_CHARS = 3_000
@@ -81,6 +97,16 @@ UNPARSEABLE_DATE = "1970-01-01T00:00:00.000Z"
 def dlq_stream(stream: str) -> str:
     """The dead-letter stream of a stream."""
     return f"{stream}:dlq"
+
+
+def backfill_done_key(stream: str) -> str:
+    """The hash of repos backfilled to a stream: did -> the rev it was backfilled at."""
+    return f"{stream}:done"
+
+
+def backfill_failed_key(stream: str) -> str:
+    """The hash of repos whose backfill failed: did -> JSON with the reason and the time."""
+    return f"{stream}:failed"
 
 
 def cursor_key(stream: str, host: str) -> str:

@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -54,7 +54,7 @@ from indexer.source import (
     host_of,
 )
 from indexer.startup import wait_for_redis
-from indexer.stream import checked_lag, text
+from indexer.stream import group_backlog, text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -454,22 +454,7 @@ class Ingester:
         return True
 
     async def _backlog(self) -> int:
-        """Entries the group has yet to finish (lag + pending); the length if it has no group."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(self._stream)
-            pipe.xinfo_groups(self._stream)
-            length, groups = await pipe.execute(raise_on_error=False)
-        if isinstance(length, Exception):
-            raise length
-        backlog = int(length)
-        if not isinstance(groups, ResponseError):  # no such stream yet: no group either
-            mine = next((g for g in groups if text(g["name"]) == self._settings.group), None)
-            if mine is not None:
-                last_delivered = text(mine["last-delivered-id"])
-                lag = await checked_lag(self._redis, self._stream, last_delivered,
-                                        mine.get("lag"), backlog)  # fmt: skip
-                if lag is not None:
-                    backlog = lag + int(mine["pending"])
+        backlog = await group_backlog(self._redis, self._stream, self._settings.group)
         self._metrics.backlog.set(backlog)
         return backlog
 

@@ -141,3 +141,37 @@ class CoverageMetrics:
             ["collection"],
             registry=self.registry,
         )
+
+
+class BackfillMetrics:
+    """What `indexer backfill` exports while it runs."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.repos = Counter(
+            "indexer_backfill_repos_total",
+            "Repos finished, by outcome (done, skipped: already at that rev, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.records = Counter(
+            "indexer_backfill_records_total",
+            "Envelopes added to the backfill stream by operation, and records not readable",
+            ["operation"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "indexer_backfill_retries_total",
+            "HTTP requests retried, by reason (rate_limited, server_error, network)",
+            ["reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "indexer_backfill_repos_in_flight", "Repos being fetched or added now", registry=r
+        )
+        self.backpressure = Gauge(
+            "indexer_backfill_backpressure",
+            "1 while the backfill stream's backlog holds adding back",
+            registry=r,
+        )

@@ -107,9 +107,13 @@ def _now() -> str:
 class Pipeline:
     """Turns batches of entries into committed rows and counters."""
 
-    def __init__(self, db: Database, plugins: dict[str, Plugin]) -> None:
+    def __init__(
+        self, db: Database, plugins: dict[str, Plugin], uncounted: frozenset[str] = frozenset()
+    ) -> None:
         self._db = db
         self._plugins = plugins
+        # Streams whose changes move no counter (bulk backfill): `reconcile --all` rebuilds them.
+        self._uncounted = uncounted
 
     async def process(self, entries: list[Entry]) -> Outcome:
         """Decode and write one batch; database outages propagate (nothing is dead-lettered)."""
@@ -191,10 +195,15 @@ class Pipeline:
             changes = await apply_guard(conn, _collapse(items))
             await write_records(conn, changes)
             await lock_changes(conn, self._plugins, changes)
+            bulk = {id(i.op) for i in items if i.entry.stream in self._uncounted}
             for collection in sorted({c.op.collection for c in changes}):
                 plugin = self._plugins[collection]
                 mine = [c for c in changes if c.op.collection == collection]
-                await _apply_plugin(conn, plugin, mine, deltas)
+                counted = [c for c in mine if id(c.op) not in bulk]
+                await _apply_plugin(conn, plugin, counted, deltas)
+                if len(counted) < len(mine):
+                    uncounted = [c for c in mine if id(c.op) in bulk]
+                    await _apply_plugin(conn, plugin, uncounted, Deltas())
             await deltas.apply(conn)
         outcome = _outcome(items, {id(c.op) for c in changes})
         for a in accounts:

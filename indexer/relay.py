@@ -18,9 +18,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import cbrrr
-import libipld
-import msgspec
 
+from indexer.car import car_blocks, cid_text, record_json
 from indexer.config import Settings
 from indexer.constants import RELAY_MAX_FRAME_BYTES, RELAY_PATH
 from indexer.events import Account, Create, Delete, Envelope, Identity, Update, encode
@@ -36,14 +35,6 @@ from indexer.source import (
 )
 
 log = logging.getLogger(__name__)
-
-_json = msgspec.json.Encoder()
-_SHA256_CIDV1_PREFIXES = (b"\x01\x71\x12\x20", b"\x01\x55\x12\x20")  # dag-cbor, raw
-
-
-def _cid_text(cid: cbrrr.CID) -> str:
-    """A CID as its base32 string (libipld does in Rust what cbrrr's CID.encode does in Python)."""
-    return libipld.encode_cid(cid.cid_bytes)
 
 
 class RelaySource:
@@ -111,7 +102,7 @@ class RelaySource:
             "seq": frame.seq,
             "time": _text(body, "time"),
             "did": _text(body, "repo"),
-            "commit": _cid_text(body["commit"]),
+            "commit": cid_text(body["commit"]),
             "rev": _text(body, "rev"),
         }
         blocks: dict[bytes, memoryview] | None = None
@@ -127,13 +118,13 @@ class RelaySource:
             elif action in ("create", "update"):
                 if blocks is None:
                     blocks = car_blocks(body["blocks"])
-                record = _record_json(blocks.get(op["cid"].cid_bytes))
+                record = record_json(blocks.get(op["cid"].cid_bytes))
                 if record is None:
                     skipped.append("bad_record")
                     continue
                 kind = Create if action == "create" else Update
                 envelope = kind(
-                    collection=collection, rkey=rkey, cid=_cid_text(op["cid"]), record=record,
+                    collection=collection, rkey=rkey, cid=cid_text(op["cid"]), record=record,
                     **common,
                 )  # fmt: skip
             else:
@@ -142,16 +133,6 @@ class RelaySource:
             frame.envelopes.append((action, encode(envelope)))
         frame.skipped = tuple(skipped)
         return frame
-
-
-def _record_json(block: memoryview | None) -> msgspec.Raw | None:
-    """A record block as AppView JSON; None if the block is missing or not DAG-CBOR."""
-    if block is None:
-        return None
-    try:
-        return msgspec.Raw(_json.encode(cbrrr.decode_dag_cbor(bytes(block), atjson_mode=True)))
-    except (ValueError, RecursionError):
-        return None
 
 
 def _split_frame(message: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -208,53 +189,3 @@ def _seconds(iso: object) -> float | None:
         return datetime.fromisoformat(iso).timestamp()
     except ValueError:
         return None
-
-
-def car_blocks(car: bytes) -> dict[bytes, memoryview]:
-    """The blocks of a CARv1 by CID bytes, undecoded (the header is skipped).
-
-    CAR framing is a varint length before the header and before each block (CID then data).
-    cbrrr decodes the blocks; libipld's CAR reader would hand CID links back as plain bytes,
-    which a record's JSON must keep apart from byte strings.
-    """
-    view = memoryview(car)
-    header_length, position = _varint(view, 0)
-    position += header_length
-    blocks: dict[bytes, memoryview] = {}
-    while position < len(view):
-        length, position = _varint(view, position)
-        end = position + length
-        if end > len(view):
-            raise BadFrame("CAR block runs past the end")
-        data_start = _cid_end(view, position)
-        blocks[bytes(view[position:data_start])] = view[data_start:end]
-        position = end
-    return blocks
-
-
-def _cid_end(view: memoryview, position: int) -> int:
-    """Where the binary CID starting at `position` ends (v0: a bare sha-256 multihash)."""
-    prefix = bytes(view[position : position + 4])
-    if prefix in _SHA256_CIDV1_PREFIXES:  # what atproto writes: the fast path
-        return position + 36
-    if prefix[:2] == b"\x12\x20":
-        return position + 34
-    _, position = _varint(view, position)  # version
-    _, position = _varint(view, position)  # codec
-    _, position = _varint(view, position)  # hash function
-    digest_length, position = _varint(view, position)
-    return position + digest_length
-
-
-def _varint(view: memoryview, position: int) -> tuple[int, int]:
-    """An unsigned LEB128 varint at `position`: its value and the position after it."""
-    value = shift = 0
-    while True:
-        if position >= len(view) or shift > 63:
-            raise BadFrame("truncated or overlong varint in CAR")
-        byte = view[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, position
-        shift += 7

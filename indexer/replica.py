@@ -82,7 +82,8 @@ class Replica:
         metrics.track_pool(self._db)
         self._observer = Observer(settings, self._redis, self._db, metrics, self.health)
         self._consumer = StreamConsumer(settings, self._redis)
-        self._pipeline = Pipeline(self._db, plugins)
+        uncounted = frozenset(settings.streams[1:]) if settings.bulk_backfill else frozenset()
+        self._pipeline = Pipeline(self._db, plugins, uncounted)
         self.deletions = AccountDeletions(self._db, plugins)
         self._drained = False
         self._stopping = asyncio.Event()

@@ -309,6 +309,26 @@ async def checked_lag(
     return int(reported) if int(reported) <= length else None
 
 
+async def group_backlog(client: aioredis.Redis, stream: str, group: str) -> int:
+    """Entries the group has yet to finish on a stream (lag + pending); the stream's length
+    when it has no such group or Redis's lag cannot be trusted."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.xlen(stream)
+        pipe.xinfo_groups(stream)
+        length, groups = await pipe.execute(raise_on_error=False)
+    if isinstance(length, Exception):
+        raise length
+    backlog = int(length)
+    if not isinstance(groups, ResponseError):  # no such stream yet: no group either
+        mine = next((g for g in groups if text(g["name"]) == group), None)
+        if mine is not None:
+            last_delivered = text(mine["last-delivered-id"])
+            lag = await checked_lag(client, stream, last_delivered, mine.get("lag"), backlog)
+            if lag is not None:
+                backlog = lag + int(mine["pending"])
+    return backlog
+
+
 def stream_id(entry_id: str) -> tuple[int, int]:
     """A stream entry id as a comparable (milliseconds, sequence) pair."""
     ms, _, seq = entry_id.partition("-")

@@ -11,9 +11,10 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from indexer.car import car_blocks
 from indexer.constants import cursor_key
 from indexer.events import time_from_us
-from indexer.relay import RelaySource, car_blocks
+from indexer.relay import RelaySource
 from indexer.source import BadFrame, host_of
 from tests.fake_relay import (
     CBOR_GARBAGE,
