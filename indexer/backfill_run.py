@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from indexer.backfill import Backfill, Job, Progress, jobs_of
 from indexer.config import Settings
-from indexer.constants import BACKFILL_PROGRESS_S
+from indexer.constants import BACKFILL_PAGE, BACKFILL_PROGRESS_S
 from indexer.db import Database
 from indexer.health import Health, serving
 from indexer.listing import Listing
@@ -28,6 +28,7 @@ class Plan:
 
     dids: list[str] | None
     from_relay: bool = False
+    page_size: int = BACKFILL_PAGE  # repos per listRepos page
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ async def backfill(settings: Settings, plan: Plan, *, standalone: bool = True) -
         work: AsyncIterator[Job]
         if plan.dids is None:
             listing = Listing(client, engine.xrpc, engine.stream, engine.relay_http)
+            listing.page_size = plan.page_size
             work = listing.jobs()
         else:
             engine.progress.total = len(dict.fromkeys(plan.dids))

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from indexer.cli_support import fail, run, state, with_redis
+from indexer.constants import BACKFILL_PAGE
 
 log = logging.getLogger("indexer")
 
@@ -54,11 +55,16 @@ def backfill_repo(
 
 
 @backfill_app.command("all")
-def backfill_all(from_relay: FromRelay = False) -> None:
+def backfill_all(
+    from_relay: FromRelay = False,
+    page_size: Annotated[
+        int, typer.Option(min=1, max=1000, help="Repos per listRepos page.")
+    ] = BACKFILL_PAGE,
+) -> None:
     """Every repo RELAY_URL lists, skipping those already backfilled at that rev; resumable."""
     from indexer.backfill_run import Plan, backfill
 
-    result = run(backfill(state.settings, Plan(None, from_relay)))
+    result = run(backfill(state.settings, Plan(None, from_relay, page_size)))
     _report_backfill(result)
     if result.complete:
         typer.echo("every listed repo is finished; the next run starts from the first page")

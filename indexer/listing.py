@@ -48,6 +48,7 @@ class Listing:
         self.listed = 0
         self.inactive = 0
         self.complete = False
+        self.page_size = BACKFILL_PAGE
 
     async def jobs(self) -> AsyncIterator[Job]:
         """Every active repo listed after the saved cursor, page by page."""
@@ -56,7 +57,7 @@ class Listing:
         if cursor:
             log.info("resuming listRepos of %s after cursor %s", self._base, cursor)
         while True:
-            page = await self._xrpc.list_repos(self._base, cursor, BACKFILL_PAGE)
+            page = await self._xrpc.list_repos(self._base, cursor, self.page_size)
             active = [r for r in page.repos if r.active]
             self.listed += len(page.repos)
             self.inactive += len(page.repos) - len(active)

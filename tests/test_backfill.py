@@ -1,0 +1,302 @@
+"""`indexer backfill` against a fake PLC, PDSes and relay on loopback serving real repo CARs."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from indexer.backfill_run import Plan, backfill
+from indexer.config import Settings
+from indexer.constants import backfill_done_key, backfill_failed_key, cursor_key
+from indexer.source import host_of
+from indexer.workload import POST, tid
+from tests.fake_pds import GET_REPO, RESET, FakeNetwork, make_network
+from tests.fake_repo import FakeRepo
+from tests.helpers import assert_no_drift, drain_replicas, push
+from tests.observe import indexer, indexer_env, start_indexer
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+async def network() -> AsyncIterator[FakeNetwork]:
+    net = make_network(n_repos=12, records_per_repo=40, n_pdses=3, seed=5)
+    async with net:
+        yield net
+
+
+def _settings(settings: Settings, network: FakeNetwork, **changes: Any) -> Settings:
+    return settings.replace(
+        plc_url=network.plc.url,
+        relay_url=network.relay.url,
+        backfill_backoff_s=0.05,
+        **changes,
+    )
+
+
+async def _stored(db: asyncpg.Connection) -> dict[str, dict[str, str]]:
+    """`{did: {uri: cid}}` of every live record in the database."""
+    rows = await db.fetch(
+        "SELECT s.did, s.uri, r.cid FROM record_state s JOIN record r USING (uri) WHERE s.live"
+    )
+    out: dict[str, dict[str, str]] = {}
+    for row in rows:
+        out.setdefault(row["did"], {})[row["uri"]] = row["cid"]
+    return out
+
+
+async def _hash(redis: aioredis.Redis, key: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
+
+
+async def test_backfill_all_equals_the_repos(
+    settings: Settings, network: FakeNetwork, redis: aioredis.Redis, db: asyncpg.Connection
+) -> None:
+    """12 repos on 3 PDSes, one request per PDS at a time: the database holds exactly the
+    repos' records with their JSON, counters equal count(*), and a second run adds nothing."""
+    settings = _settings(settings, network, backfill_per_host=1, backfill_concurrency=4)
+    for pds in network.pdses:
+        pds.delay = 0.02  # long enough for requests to overlap if the bound let them
+    result = await backfill(settings, Plan(None, page_size=5))
+    assert (result.progress.done, result.progress.failed, result.progress.records) == (12, 0, 480)
+    assert result.complete
+    await drain_replicas(settings, 2)
+    assert await _stored(db) == network.expected()
+    for did, repo in network.repos.items():
+        rows = await db.fetch("SELECT uri, json FROM record WHERE did = $1", did)
+        assert {r["uri"]: json.loads(r["json"]) for r in rows} == repo.json_records()
+    await assert_no_drift(db)
+    assert [pds.max_in_flight for pds in network.pdses] == [1, 1, 1]
+    assert sum(pds.count(GET_REPO) for pds in network.pdses) == 12
+    done = await _hash(redis, backfill_done_key(result.stream))
+    assert done == {did: repo.rev for did, repo in network.repos.items()}
+    assert await redis.get(cursor_key(result.stream, host_of(network.relay.url))) is None
+
+    length = await redis.xlen(result.stream)
+    again = await backfill(settings, Plan(None))
+    assert (again.progress.skipped, again.progress.done) == (12, 0)
+    assert await redis.xlen(result.stream) == length
+    assert sum(pds.count(GET_REPO) for pds in network.pdses) == 12  # skipped before fetching
+
+
+async def test_the_repo_is_the_truth_at_its_rev(
+    settings: Settings, network: FakeNetwork, redis: aioredis.Redis, db: asyncpg.Connection
+) -> None:
+    """Records we hold that the repo no longer has are deleted at the repo's rev, unless a live
+    op newer than that rev made them."""
+    settings = _settings(settings, network)
+    repo = next(iter(network.repos.values()))
+    await backfill(settings, Plan([repo.did]))
+    await drain_replicas(settings, 1)
+    gone = [key for key in sorted(repo.records) if key[0] == POST][:3]
+    for collection, rkey in gone:
+        repo.delete(collection, rkey)
+    # A post created live after the repo's rev: the repo we fetch does not have it yet.
+    newer = tid(_rev_time(repo) + 5_000_000, 1)
+    late = {"$type": POST, "text": "live, newer", "createdAt": "2024-11-19T07:06:40.000Z"}
+    await push(redis, settings.live_stream, [_envelope(repo, "create", POST, "late", newer, late)])
+    await drain_replicas(settings, 1)
+    result = await backfill(settings, Plan([repo.did]))
+    assert (result.progress.done, result.progress.deletes) == (1, 4)  # 3 gone, and `late`
+    await drain_replicas(settings, 1)
+    stored = (await _stored(db))[repo.did]
+    assert set(stored) == set(repo.expected()) | {repo.uri(POST, "late")}
+    await assert_no_drift(db)
+
+
+def _rev_time(repo: FakeRepo) -> int:
+    """The microseconds of a repo's rev (a TID's top 53 bits)."""
+    alphabet = "234567abcdefghijklmnopqrstuvwxyz"
+    value = 0
+    for char in repo.rev:
+        value = value * 32 + alphabet.index(char)
+    return value >> 10
+
+
+def _envelope(
+    repo: FakeRepo, op: str, collection: str, rkey: str, rev: str, record: Any = None
+) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": op, "seq": 1, "time": "2024-11-19T07:06:40.000Z", "did": repo.did,
+        "commit": "bafycommit", "rev": rev, "collection": collection, "rkey": rkey,
+    }  # fmt: skip
+    if record is not None:
+        event |= {"cid": f"bafylive{rkey}{rev}", "record": record}
+    return event
+
+
+def _race(network: FakeNetwork) -> tuple[list[dict[str, Any]], dict[str, str | None]]:
+    """Live ops on the repos' own posts, half older than the repo's rev, half newer; and the
+    text each post must end with (None: deleted)."""
+    ops, want = [], {}
+    for n, repo in enumerate(network.repos.values()):
+        posts = [key for key in sorted(repo.records) if key[0] == POST][:4]
+        at = _rev_time(repo)
+        older, newer = tid(at - 1000, 7), tid(at + 1000 + n, 7)
+        for i, (collection, rkey) in enumerate(posts):
+            uri = repo.uri(collection, rkey)
+            rev = older if i < 2 else newer
+            if i % 2 == 0:
+                text = f"live update {uri}"
+                record = {"$type": POST, "text": text, "createdAt": "2024-11-19T07:06:40.000Z"}
+                ops.append(_envelope(repo, "update", collection, rkey, rev, record))
+                want[uri] = text if rev == newer else repo.records[(collection, rkey)]["text"]
+            else:
+                ops.append(_envelope(repo, "delete", collection, rkey, rev))
+                want[uri] = None if rev == newer else repo.records[(collection, rkey)]["text"]
+    return ops, want
+
+
+@pytest.mark.parametrize("order", ["backfill first", "live first", "together"])
+async def test_backfill_racing_live_ops_ends_in_the_highest_revs(
+    settings: Settings,
+    network: FakeNetwork,
+    redis: aioredis.Redis,
+    db: asyncpg.Connection,
+    order: str,
+) -> None:
+    """Live updates and deletes of the repos' posts, older and newer than the repos' revs,
+    arriving before, after or while the backfill is indexed: the highest rev wins every time."""
+    settings = _settings(settings, network)
+    ops, want = _race(network)
+    if order == "live first":
+        await push(redis, settings.live_stream, ops)
+        await drain_replicas(settings, 2)
+    if order == "together":
+        await push(redis, settings.live_stream, ops)
+        replicas = asyncio.create_task(drain_replicas(settings, 2))
+        await backfill(settings, Plan(None))
+        await replicas
+    else:
+        await backfill(settings, Plan(None))
+    await drain_replicas(settings, 2)
+    if order == "backfill first":
+        await push(redis, settings.live_stream, ops)
+        await drain_replicas(settings, 2)
+    texts = dict(await db.fetch("SELECT uri, text FROM post WHERE uri = ANY($1)", list(want)))
+    assert {uri: texts.get(uri) for uri in want} == want
+    assert None in want.values() and len(set(want.values())) > len(network.repos)
+    await assert_no_drift(db)
+
+
+async def test_kill_9_mid_backfill_resumes_without_loss_or_double_counting(
+    settings: Settings, redis: aioredis.Redis, db: asyncpg.Connection
+) -> None:
+    """`indexer backfill all` killed three times while replicas index: every record once."""
+    network = make_network(n_repos=30, records_per_repo=30, n_pdses=2, seed=9)
+    async with network:
+        for pds in network.pdses:
+            pds.delay = 0.1
+        settings = _settings(settings, network, backfill_concurrency=2)
+        env = indexer_env(
+            settings, PLC_URL=network.plc.url, RELAY_URL=network.relay.url,
+            BACKFILL_CONCURRENCY="2", BACKFILL_BACKOFF_S="0.05",
+        )  # fmt: skip
+        done_key = backfill_done_key(settings.streams[1])
+        replicas = asyncio.create_task(drain_replicas(settings.replace(block_ms=2000), 2))
+        kills = 0
+        for target in (5, 12, 20):
+            proc = await start_indexer(env, "backfill", "all", "--page-size", "4")
+            while await redis.hlen(done_key) < target:
+                assert proc.returncode is None
+                await asyncio.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            kills += 1
+        code, out, err = await indexer(env, "backfill", "all", "--page-size", "4", within_s=120)
+        assert code == 0, err
+        assert "every listed repo is finished" in out
+        await replicas
+        await drain_replicas(settings, 2)
+        assert await _stored(db) == network.expected()
+        await assert_no_drift(db)
+        fetched = sum(pds.count(GET_REPO) for pds in network.pdses)
+        # Only repos in hand at a kill are fetched again: at most 2 per kill.
+        assert 30 <= fetched <= 30 + 2 * kills, fetched
+        assert await redis.hlen(done_key) == 30
+
+
+async def test_rate_limits_and_server_errors_are_retried_not_skipped(
+    settings: Settings, network: FakeNetwork, db: asyncpg.Connection
+) -> None:
+    """429 with Retry-After, 500, 503 and a reset connection: each repo is fetched in the end,
+    after waiting as long as the server asked."""
+    settings = _settings(settings, network)
+    dids = list(network.repos)[:4]
+    scripts = {dids[0]: [429, 500], dids[1]: [503, 503, 500], dids[2]: [RESET], dids[3]: [429]}
+    for did, answers in scripts.items():
+        network.pds_of(did).fail(did, answers, retry_after=1)
+    result = await backfill(settings, Plan(dids))
+    assert (result.progress.done, result.progress.failed) == (4, 0)
+    for did, answers in scripts.items():
+        pds = network.pds_of(did)
+        assert pds.count(GET_REPO, did) == len(answers) + 1
+        arrivals = pds.arrivals(GET_REPO, did)
+        for answer, (sent, retried) in zip(answers, itertools.pairwise(arrivals), strict=True):
+            if answer == 429:
+                assert retried - sent >= 0.95  # Retry-After: 1
+    await drain_replicas(settings, 1)
+    stored = await _stored(db)
+    assert {did: stored[did] for did in dids} == {
+        did: network.repos[did].expected() for did in dids
+    }
+
+
+async def test_repos_that_keep_failing_are_listed_with_the_reason(
+    settings: Settings, network: FakeNetwork, redis: aioredis.Redis, tmp_path: Any
+) -> None:
+    """A repo that keeps answering 500, one taken down and a DID nobody knows end up in the
+    failed list with their reason, `backfill repo` exits 1, and a later success clears them."""
+    settings = _settings(settings, network)
+    env = indexer_env(settings, PLC_URL=network.plc.url, BACKFILL_ATTEMPTS="3",
+                      BACKFILL_BACKOFF_S="0.05")  # fmt: skip
+    broken, gone, fine = list(network.repos)[:3]
+    network.pds_of(broken).fail(broken, [500] * 3)
+    network.repos[gone].status = "takendown"
+    unknown = "did:plc:nobodyknowsthisone"
+    listing = tmp_path / "dids.txt"
+    listing.write_text(f"# to backfill\n{broken}\n{gone}\n{unknown}\n\n{fine}\n")
+    code, out, err = await indexer(env, "backfill", "--from-file", str(listing))
+    assert code == 1, err
+    assert "4/4 repos (1 backfilled, 0 skipped, 3 failed)" in out
+    code, out, err = await indexer(env, "backfill", "failed", "--json")
+    assert code == 0, err
+    reasons = {d["did"]: d["reason"] for d in map(json.loads, out.splitlines())}
+    assert sorted(reasons) == sorted([broken, gone, unknown])
+    assert "HTTP 500" in reasons[broken] and "(3 attempts)" in reasons[broken]
+    assert "RepoTakendown" in reasons[gone]
+    assert "HTTP 404" in reasons[unknown]
+    assert network.pds_of(broken).count(GET_REPO, broken) == 3
+    assert network.pds_of(gone).count(GET_REPO, gone) == 1  # not retried
+
+    code, _, err = await indexer(env, "backfill", "repo", broken)
+    assert code == 0, err
+    failed = await _hash(redis, backfill_failed_key(settings.streams[1]))
+    assert sorted(failed) == sorted([gone, unknown])
+    code, _, err = await indexer(env, "backfill", "repo", "not-a-did")
+    assert (code, err.strip()) == (2, "error: not a did:plc or did:web: 'not-a-did'")
+
+
+async def test_adding_pauses_at_the_high_water_mark(
+    settings: Settings, network: FakeNetwork, redis: aioredis.Redis
+) -> None:
+    """With no replica reading, the backfill stream stops growing near the high-water mark and
+    the backfill waits; a replica draining it lets the backfill finish."""
+    settings = _settings(settings, network, backfill_high_water_mark=100, backfill_concurrency=1)
+    stream = settings.streams[1]
+    await redis.xgroup_create(stream, settings.group, id="0", mkstream=True)
+    running = asyncio.create_task(backfill(settings, Plan(None)))
+    await asyncio.sleep(2.0)
+    assert not running.done()
+    assert 100 <= await redis.xlen(stream) < 100 + 40  # one repo's records over the mark at most
+    while not running.done():  # each drain ends when the stream is empty for a moment
+        await drain_replicas(settings, 1)
+    assert (await running).progress.done == 12
