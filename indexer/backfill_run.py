@@ -39,7 +39,13 @@ class Result:
     stopped: bool
 
 
-async def backfill(settings: Settings, plan: Plan, *, standalone: bool = True) -> Result:
+async def backfill(
+    settings: Settings,
+    plan: Plan,
+    *,
+    standalone: bool = True,
+    metrics: BackfillMetrics | None = None,
+) -> Result:
     """Run a backfill to its end (or to SIGINT/SIGTERM: the repos in hand are finished).
 
     Standalone, it owns the signals and serves its metrics on METRICS_PORT; inside another
@@ -48,7 +54,7 @@ async def backfill(settings: Settings, plan: Plan, *, standalone: bool = True) -
     client = connect(settings)
     db = Database(settings)
     await db.open()
-    metrics = BackfillMetrics()
+    metrics = metrics or BackfillMetrics()
     engine = Backfill(settings, client, db, metrics, from_relay=plan.from_relay)
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if standalone else ()

@@ -16,8 +16,10 @@ import redis.asyncio as aioredis
 from indexer.backfill_run import Plan, backfill
 from indexer.config import Settings
 from indexer.constants import backfill_done_key, backfill_failed_key, cursor_key
+from indexer.metrics import BackfillMetrics
 from indexer.source import host_of
-from indexer.workload import POST, tid
+from indexer.workload import LIKE, POST, tid
+from tests.fake_jetstream import FakeJetstream
 from tests.fake_pds import GET_REPO, RESET, FakeNetwork, make_network
 from tests.fake_repo import FakeRepo
 from tests.helpers import assert_no_drift, drain_replicas, push
@@ -53,6 +55,10 @@ async def _stored(db: asyncpg.Connection) -> dict[str, dict[str, str]]:
     return out
 
 
+def _sample(metrics: BackfillMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
 async def _hash(redis: aioredis.Redis, key: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
 
@@ -65,8 +71,12 @@ async def test_backfill_all_equals_the_repos(
     settings = _settings(settings, network, backfill_per_host=1, backfill_concurrency=4)
     for pds in network.pdses:
         pds.delay = 0.02  # long enough for requests to overlap if the bound let them
-    result = await backfill(settings, Plan(None, page_size=5))
+    metrics = BackfillMetrics()
+    result = await backfill(settings, Plan(None, page_size=5), metrics=metrics)
     assert (result.progress.done, result.progress.failed, result.progress.records) == (12, 0, 480)
+    assert _sample(metrics, "indexer_backfill_repos_total", outcome="done") == 12
+    assert _sample(metrics, "indexer_backfill_records_total", operation="create") == 480
+    assert _sample(metrics, "indexer_backfill_repos_in_flight") == 0
     assert result.complete
     await drain_replicas(settings, 2)
     assert await _stored(db) == network.expected()
@@ -234,8 +244,12 @@ async def test_rate_limits_and_server_errors_are_retried_not_skipped(
     scripts = {dids[0]: [429, 500], dids[1]: [503, 503, 500], dids[2]: [RESET], dids[3]: [429]}
     for did, answers in scripts.items():
         network.pds_of(did).fail(did, answers, retry_after=1)
-    result = await backfill(settings, Plan(dids))
+    metrics = BackfillMetrics()
+    result = await backfill(settings, Plan(dids), metrics=metrics)
     assert (result.progress.done, result.progress.failed) == (4, 0)
+    retries = {r: _sample(metrics, "indexer_backfill_retries_total", reason=r)
+               for r in ("rate_limited", "server_error", "network")}  # fmt: skip
+    assert retries == {"rate_limited": 2, "server_error": 4, "network": 1}
     for did, answers in scripts.items():
         pds = network.pds_of(did)
         assert pds.count(GET_REPO, did) == len(answers) + 1
@@ -293,10 +307,53 @@ async def test_adding_pauses_at_the_high_water_mark(
     settings = _settings(settings, network, backfill_high_water_mark=100, backfill_concurrency=1)
     stream = settings.streams[1]
     await redis.xgroup_create(stream, settings.group, id="0", mkstream=True)
-    running = asyncio.create_task(backfill(settings, Plan(None)))
+    metrics = BackfillMetrics()
+    running = asyncio.create_task(backfill(settings, Plan(None), metrics=metrics))
     await asyncio.sleep(2.0)
     assert not running.done()
+    assert _sample(metrics, "indexer_backfill_backpressure") == 1
     assert 100 <= await redis.xlen(stream) < 100 + 40  # one repo's records over the mark at most
     while not running.done():  # each drain ends when the stream is empty for a moment
         await drain_replicas(settings, 1)
     assert (await running).progress.done == 12
+    assert _sample(metrics, "indexer_backfill_backpressure") == 0
+
+
+def _jetstream_creates(network: FakeNetwork) -> list[dict[str, Any]]:
+    """Every record of the network as a Jetstream create at its repo's rev, in time order."""
+    events = []
+    for repo in network.repos.values():
+        for uri, record in sorted(repo.json_records().items()):
+            collection, rkey = uri.split("/")[-2:]
+            cid = repo.record_cid(collection, rkey)
+            commit = {"rev": repo.rev, "operation": "create", "collection": collection,
+                      "rkey": rkey, "record": record, "cid": cid}  # fmt: skip
+            events.append({"did": repo.did, "kind": "commit", "commit": commit})
+    return [e | {"time_us": 1_732_000_000_000_000 + n} for n, e in enumerate(events)]
+
+
+async def test_compare_repair_backfills_the_repos_with_missing_records(
+    settings: Settings, network: FakeNetwork
+) -> None:
+    """`compare --repair` finds the repos whose creates the database lacks and backfills them:
+    the next comparison finds everything."""
+    settings = _settings(settings, network)
+    dids = list(network.repos)
+    await backfill(settings, Plan(dids[:8]))
+    await drain_replicas(settings, 1)
+    env = indexer_env(settings, PLC_URL=network.plc.url)
+    async with FakeJetstream(_jetstream_creates(network)) as fake:
+        args = ["compare", "--url", fake.url, "--duration", "1", "--warmup", "0", "--grace", "0"]
+        args += ["--collection", POST, "--collection", LIKE, "--json"]
+        code, out, err = await indexer(env, *args, "--repair")
+        assert code == 0, err
+        before = {c["collection"]: c for c in json.loads(out)["collections"]}
+        assert sorted(before[POST]["missing_repos"]) == sorted(dids[8:])
+        assert before[POST]["coverage_pct"] < 100 and before[LIKE]["coverage_pct"] < 100
+        assert "repair: backfilling 4 repo(s)" in err
+        await drain_replicas(settings, 1)
+        code, out, err = await indexer(env, *args)
+        assert code == 0, err
+        after = {c["collection"]: c for c in json.loads(out)["collections"]}
+    assert {c: after[c]["coverage_pct"] for c in (POST, LIKE)} == {POST: 100.0, LIKE: 100.0}
+    assert after[POST]["missing_repos"] == []
