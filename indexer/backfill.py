@@ -197,7 +197,10 @@ class Backfill:
             snapshot = await asyncio.to_thread(read_repo, car)
             if snapshot.did != did:
                 raise Unavailable(f"the repo of {did} is signed as {snapshot.did}")
-        except (Unavailable, GaveUp, BadCar) as exc:
+        except BadCar as exc:
+            await self._failed(did, f"the repo of {did} is not a readable CAR: {exc}")
+            return "failed"
+        except (Unavailable, GaveUp) as exc:
             await self._failed(did, str(exc))
             return "failed"
         if listed_rev is not None and await self._done_at(did, snapshot.rev):

@@ -57,6 +57,7 @@ class Item:
     operation: str
     time: str
     fenced: bool = False  # its account was deleted after it: applied as a delete
+    backfilled: bool = False  # seq -1: stamped when fetched, so it says nothing of the lag
 
     @property
     def delete(self) -> bool:
@@ -158,7 +159,7 @@ class Pipeline:
             except (ValueError, RecursionError) as exc:
                 raise Rejected(f"invalid {env.collection} record: {exc}") from None
             op.cid, op.json = clean_text(env.cid, MAX_CID_CHARS), clean_json_text(raw)
-        return Item(entry, op, operation, indexed_at)
+        return Item(entry, op, operation, indexed_at, backfilled=env.seq < 0)
 
     async def _write_isolating(self, items: list[Item | AccountItem]) -> Outcome:
         """Write items in one transaction; on a data error split them to isolate the bad ones."""
@@ -287,5 +288,6 @@ def _outcome(items: list[Item], applied: set[int]) -> Outcome:
     for item in items:
         result = "fenced" if item.fenced else outcome_of(item.op, id(item.op) in applied)
         outcome.counts[(item.op.collection, item.operation, result)] += 1
-        outcome.newest_time = max(outcome.newest_time, item.time)
+        if not item.backfilled:
+            outcome.newest_time = max(outcome.newest_time, item.time)
     return outcome

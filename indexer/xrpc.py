@@ -144,8 +144,12 @@ class Xrpc:
                     await response.aread()
                     raise Unavailable(f"{what}: {_reason(response)}")
                 return await _read_bounded(response, what)
+        except httpx.UnsupportedProtocol as exc:
+            raise Unavailable(f"{what}: {exc}") from None
         except httpx.TransportError as exc:
             raise _Retry("network", f"{type(exc).__name__}: {exc}", None) from None
+        except httpx.InvalidURL as exc:
+            raise Unavailable(f"{what}: invalid URL {url!r}: {exc}") from None
 
     def _slot(self, url: str) -> asyncio.Semaphore:
         host = urlsplit(url).netloc

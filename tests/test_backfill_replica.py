@@ -4,6 +4,8 @@ records, and bulk mode (backfill entries move no counter until `reconcile --all`
 from __future__ import annotations
 
 import asyncio
+import math
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -134,3 +136,20 @@ async def test_bulk_backfill_counts_only_live_entries_until_reconcile(
     assert report.by_counter == {"likeCount": 1}, report
     assert await db.fetchval('SELECT "likeCount" FROM post_agg WHERE uri = $1', hot) == 340
     await assert_no_drift(db)
+
+
+async def test_backfilled_entries_do_not_hide_the_event_lag(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """Backfill envelopes are stamped when fetched: the event lag counts live events only."""
+    live, backfill = settings.streams
+    now = datetime.now(UTC).isoformat()
+    posts = [create(1, POST, f"b{n}", post_record(), 5) for n in range(5)]
+    await push(redis, backfill, [_backfilled(p) | {"time": now} for p in posts])
+    metrics = Metrics()
+    await asyncio.wait_for(Replica(settings, registry(), metrics).run(drain=True), 60)
+    assert math.isnan(metrics.registry.get_sample_value("indexer_event_lag_seconds") or 0.0)
+    await push(redis, live, [create(2, POST, "live", post_record(), 6)])  # stamped T0, 2024
+    await asyncio.wait_for(Replica(settings, registry(), metrics).run(drain=True), 60)
+    lag = metrics.registry.get_sample_value("indexer_event_lag_seconds")
+    assert lag is not None and lag > 86_400  # from T0, not from the backfill's "now"
