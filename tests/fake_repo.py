@@ -219,7 +219,9 @@ class FakeRepo:
     def _build(self) -> Snapshot:
         leaves = {f"{c}/{r}".encode(): value[1] for (c, r), value in self._records.items()}
         mst_root, nodes = build_mst(leaves)
-        unsigned = {"did": self.did, "version": 3, "data": mst_root, "rev": self.rev, "prev": None}
+        unsigned: dict[str, Any] = {
+            "did": self.did, "version": 3, "data": mst_root, "rev": self.rev, "prev": None,
+        }  # fmt: skip
         # Any 64 bytes do: nobody checks the signature, but the same repo gets the same bytes.
         signature = hashlib.sha512(cbrrr.encode_dag_cbor(unsigned)).digest()
         commit_data = cbrrr.encode_dag_cbor({**unsigned, "sig": signature})
