@@ -181,6 +181,10 @@ class Backfill:
         self._metrics.in_flight.inc()
         try:
             outcome = await self._one(did, listed_rev)
+        except Exception as exc:  # a bug or an answer nobody foresaw: this repo alone fails
+            log.exception("backfill of %s: unexpected error", did)
+            await self._failed(did, f"unexpected error: {type(exc).__name__}: {exc}")
+            outcome = "failed"
         finally:
             self._metrics.in_flight.dec()
         self._metrics.repos.labels(outcome).inc()

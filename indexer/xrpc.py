@@ -148,6 +148,8 @@ class Xrpc:
             raise Unavailable(f"{what}: {exc}") from None
         except httpx.TransportError as exc:
             raise _Retry("network", f"{type(exc).__name__}: {exc}", None) from None
+        except httpx.HTTPError as exc:  # too many redirects, an undecodable body
+            raise Unavailable(f"{what}: {type(exc).__name__}: {exc}") from None
         except httpx.InvalidURL as exc:
             raise Unavailable(f"{what}: invalid URL {url!r}: {exc}") from None
 

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from indexer import backfill as backfill_module
 from indexer.backfill_run import Plan, backfill
 from indexer.config import Settings
 from indexer.constants import backfill_done_key, backfill_failed_key, cursor_key
@@ -20,7 +21,7 @@ from indexer.metrics import BackfillMetrics
 from indexer.source import host_of
 from indexer.workload import LIKE, POST, tid
 from tests.fake_jetstream import FakeJetstream
-from tests.fake_pds import GET_REPO, RESET, FakeNetwork, make_network
+from tests.fake_pds import GET_REPO, RESET, FakeNetwork, Response, make_network
 from tests.fake_repo import FakeRepo
 from tests.helpers import assert_no_drift, drain_replicas, push
 from tests.observe import indexer, indexer_env, start_indexer
@@ -357,3 +358,39 @@ async def test_compare_repair_backfills_the_repos_with_missing_records(
         after = {c["collection"]: c for c in json.loads(out)["collections"]}
     assert {c: after[c]["coverage_pct"] for c in (POST, LIKE)} == {POST: 100.0, LIKE: 100.0}
     assert after[POST]["missing_repos"] == []
+
+
+async def test_a_repo_that_breaks_unexpectedly_fails_alone(
+    settings: Settings, network: FakeNetwork, redis: aioredis.Redis, monkeypatch: Any
+) -> None:
+    """A PDS redirecting in a loop and a repo that trips an unexpected error end in the failed
+    list with their reason; the other repos are backfilled and the run finishes."""
+    settings = _settings(settings, network)
+    looping, broken, *fine = list(network.repos)
+    pds = network.pds_of(looping)
+    route = pds.route
+
+    def redirecting(endpoint: str, did: str | None, query: Any) -> Response:
+        if endpoint == GET_REPO and did == looping:
+            target = f"/xrpc/{GET_REPO}?did={did}"
+            return Response(302, b"", "text/plain", {"Location": target})
+        return route(endpoint, did, query)
+
+    monkeypatch.setattr(pds, "route", redirecting)
+    real_read_repo = backfill_module.read_repo
+
+    def read_repo(car: bytes) -> Any:
+        snapshot = real_read_repo(car)
+        if snapshot.did == broken:
+            raise RuntimeError("a bug met this repo")
+        return snapshot
+
+    monkeypatch.setattr(backfill_module, "read_repo", read_repo)
+    result = await asyncio.wait_for(backfill(settings, Plan(list(network.repos))), 60)
+    assert (result.progress.done, result.progress.failed) == (len(fine), 2)
+    failed = await _hash(redis, backfill_failed_key(settings.streams[1]))
+    assert sorted(failed) == sorted([looping, broken])
+    assert "TooManyRedirects" in json.loads(failed[looping])["reason"]
+    assert "RuntimeError: a bug met this repo" in json.loads(failed[broken])["reason"]
+    done = await _hash(redis, backfill_done_key(settings.streams[1]))
+    assert sorted(done) == sorted(fine)
