@@ -206,10 +206,19 @@ class Ingester:
             log.info("starting at cursor %d", self._start_cursor)
             return
         hosts = [host_of(url) for url in self._source.urls]
-        values = await self._redis.mget([cursor_key(self._stream, h) for h in hosts])
-        saved = [
-            self._source.saved_position(h, text(v)) for h, v in zip(hosts, values, strict=True) if v
-        ]
+        keys = [cursor_key(self._stream, h) for h in hosts]
+        values = await self._redis.mget(keys)
+        saved = []
+        for host, key, value in zip(hosts, keys, values, strict=True):
+            if not value:
+                continue
+            try:
+                saved.append(self._source.saved_position(host, text(value)))
+            except ValueError:
+                raise ValueError(
+                    f"the cursor saved in {key} is not a cursor: {text(value)!r}; "
+                    "delete the key to start live, or give --cursor"
+                ) from None
         if saved:
             # Newest by event time: sequences of different hosts do not compare.
             self._position = self.saved = max(saved, key=_recency)

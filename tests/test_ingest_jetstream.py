@@ -463,6 +463,23 @@ async def test_unreachable_server_is_one_line_and_exit_1(redis_server):
     assert "Traceback" not in err.decode()
 
 
+async def test_a_corrupt_saved_cursor_is_one_line_naming_the_key_and_exit_2(redis_server, client):
+    """A saved cursor that is not one stops the start with what to do, not a traceback; the
+    key is left as it was for the operator to look at."""
+    settings = ingest_settings(redis_server.url)
+    url = "ws://127.0.0.1:1/subscribe"
+    key = cursor_key(settings.live_stream, host_of(url))
+    await client.set(key, b"12x@")
+    proc = await start_cli(cli_env(settings, JETSTREAM_URL=url), "jetstream")
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert err.decode().strip().splitlines()[-1] == (
+        f"error: the cursor saved in {key} is not a cursor: '12x@'; "
+        "delete the key to start live, or give --cursor"
+    )
+    assert await client.get(key) == b"12x@"
+
+
 def test_settings_of_the_ingesters():
     settings = load_settings({"INGESTER_HIGH_WATER_MARK": "1000", "JETSTREAM_COMPRESS": "off"})
     assert (settings.low_water_mark_resolved, settings.jetstream_compress) == (800, False)
