@@ -341,9 +341,20 @@ class FakePds(FakeServer):
     def add(self, repo: FakeRepo) -> None:
         self.repos[repo.did] = repo
 
+    @property
+    def web_did(self) -> str:
+        """The did:web this server's `/.well-known/did.json` is the document of."""
+        return "did:web:" + self.url.removeprefix("http://").replace(":", "%3A")
+
     def route(self, endpoint: str, did: str | None, query: Mapping[str, str]) -> Response:
         if endpoint == LIST_REPOS:
             return self._list_repos(query)
+        if endpoint == DID_DOC and did == ".well-known/did.json":
+            if self.web_did not in self.repos:
+                return error_response(404, message="no did:web account here")
+            service = {"id": "#atproto_pds", "type": "AtprotoPersonalDataServer",
+                       "serviceEndpoint": self.url}  # fmt: skip
+            return json_response(200, {"id": self.web_did, "service": [service]})
         if endpoint not in (GET_REPO, LATEST_COMMIT):
             return error_response(404, "MethodNotImplemented", f"no method {endpoint}")
         if not did:

@@ -21,7 +21,7 @@ from indexer.metrics import BackfillMetrics
 from indexer.source import host_of
 from indexer.workload import LIKE, POST, tid
 from tests.fake_jetstream import FakeJetstream
-from tests.fake_pds import GET_REPO, RESET, FakeNetwork, Response, make_network
+from tests.fake_pds import DID_DOC, GET_REPO, RESET, FakeNetwork, Response, make_network
 from tests.fake_repo import FakeRepo
 from tests.helpers import assert_no_drift, drain_replicas, push
 from tests.observe import indexer, indexer_env, start_indexer
@@ -394,3 +394,23 @@ async def test_a_repo_that_breaks_unexpectedly_fails_alone(
     assert "RuntimeError: a bug met this repo" in json.loads(failed[broken])["reason"]
     done = await _hash(redis, backfill_done_key(settings.streams[1]))
     assert sorted(done) == sorted(fine)
+
+
+async def test_a_did_web_repo_is_found_through_its_well_known_document(
+    settings: Settings, network: FakeNetwork, db: asyncpg.Connection
+) -> None:
+    """A did:web account: its document from `/.well-known/did.json` of its host names the PDS,
+    and the repo is backfilled like a did:plc one (the PLC directory is never asked)."""
+    settings = _settings(settings, network)
+    pds = network.pdses[1]
+    repo = FakeRepo(pds.web_did)
+    for n in range(5):
+        record = {"$type": POST, "text": f"web {n}", "createdAt": "2024-11-19T07:06:40.000Z"}
+        repo.put(POST, tid(1_732_000_000_000_000 + n, 3), record)
+    pds.add(repo)
+    network.plc.reset_stats()
+    result = await backfill(settings, Plan([repo.did]))
+    assert (result.progress.done, result.progress.records) == (1, 5)
+    assert pds.count(DID_DOC) == 1 and network.plc.count(DID_DOC) == 0
+    await drain_replicas(settings, 1)
+    assert (await _stored(db))[repo.did] == repo.expected()
