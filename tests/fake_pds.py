@@ -80,6 +80,7 @@ class Hit:
     query: dict[str, str]
     arrived: float  # time.monotonic()
     status: int | None = None
+    answered: float | None = None  # time.monotonic() once the answer is ready
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ class FakeServer:
             if fault.retry_after is not None:
                 response.headers["Retry-After"] = f"{fault.retry_after:g}"
         hit.status = response.status if response else None
+        hit.answered = time.monotonic()
         return response
 
     @staticmethod

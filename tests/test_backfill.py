@@ -98,6 +98,24 @@ async def test_backfill_all_equals_the_repos(
     assert sum(pds.count(GET_REPO) for pds in network.pdses) == 12  # skipped before fetching
 
 
+async def test_repos_in_flight_are_bounded_in_total(
+    settings: Settings, network: FakeNetwork
+) -> None:
+    """With room for 4 requests per host but BACKFILL_CONCURRENCY 2, no more than 2 requests
+    are ever being answered across the PLC and the PDSes together, and 2 are."""
+    settings = _settings(settings, network, backfill_per_host=4, backfill_concurrency=2)
+    servers = [network.plc, *network.pdses]
+    for server in servers:
+        server.delay = 0.05
+    result = await backfill(settings, Plan(list(network.repos)))
+    assert result.progress.done == 12
+    hits = [hit for server in servers for hit in server.hits]
+    assert len(hits) == 24  # a DID document and a repo each
+    events = sorted([(h.arrived, 1) for h in hits] + [(h.answered or 0.0, -1) for h in hits])
+    in_flight = list(itertools.accumulate(change for _, change in events))
+    assert max(in_flight) == 2
+
+
 async def test_the_repo_is_the_truth_at_its_rev(
     settings: Settings, network: FakeNetwork, redis: aioredis.Redis, db: asyncpg.Connection
 ) -> None:
