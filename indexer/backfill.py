@@ -151,7 +151,8 @@ class Backfill:
 
     async def run(self, work: AsyncIterator[Job]) -> Progress:
         """Backfill every job of `work` with BACKFILL_CONCURRENCY workers (a bounded queue
-        between them); each job's `finished` is called once its repo is done, skipped or failed."""
+        between them); each job's `finished` is called once its repo is done, skipped or failed.
+        If `work` raises, the jobs it gave are finished first, then its error is raised."""
         queue: asyncio.Queue[Job | None] = asyncio.Queue(self._settings.backfill_concurrency)
 
         async def worker() -> None:
@@ -163,17 +164,23 @@ class Backfill:
         workers = [
             asyncio.create_task(worker()) for _ in range(self._settings.backfill_concurrency)
         ]
+        failure: Exception | None = None
         try:
-            async for item in work:
-                if self.stopping:
-                    break
-                await queue.put(item)
+            try:
+                async for item in work:
+                    if self.stopping:
+                        break
+                    await queue.put(item)
+            except Exception as exc:  # the listing failed: finish what it gave, then say so
+                failure = exc
             for _ in workers:
                 await queue.put(None)
             await asyncio.gather(*workers)
         finally:
             for task in workers:
                 task.cancel()
+        if failure is not None:
+            raise failure
         return self.progress
 
     async def one(self, did: str, listed_rev: str | None = None) -> str:
@@ -235,7 +242,7 @@ class Backfill:
                 continue
             creates.append(encode(Create(collection=r.collection, rkey=r.rkey, cid=r.cid,
                                          record=r.record, **common)))  # fmt: skip
-        live = await self._retrying(lambda: self._live_uris(snapshot.did))
+        live = await self.retrying(lambda: self._live_uris(snapshot.did))
         deletes = []
         for uri in sorted(live - held):
             collection, rkey = uri.rsplit("/", 2)[1:]
@@ -265,33 +272,31 @@ class Backfill:
                         pipe.hdel(backfill_failed_key(self._stream), did)
                     await pipe.execute()
 
-            await self._retrying(multi)
+            await self.retrying(multi)
 
     async def _wait_for_room(self) -> None:
         """Wait while the backfill stream's backlog is at BACKFILL_HIGH_WATER_MARK."""
         mark = self._settings.backfill_high_water_mark
         group = self._settings.group
-        backlog = await self._retrying(lambda: group_backlog(self._redis, self._stream, group))
+        backlog = await self.retrying(lambda: group_backlog(self._redis, self._stream, group))
         if backlog < mark:
             self._metrics.backpressure.set(0)
             return
         self._metrics.backpressure.set(1)
         while backlog >= mark:
             await asyncio.sleep(_BACKPRESSURE_POLL_S)
-            backlog = await self._retrying(lambda: group_backlog(self._redis, self._stream, group))
+            backlog = await self.retrying(lambda: group_backlog(self._redis, self._stream, group))
         self._metrics.backpressure.set(0)
 
     async def _done_at(self, did: str, rev: str) -> bool:
         """Whether the repo was backfilled at `rev` or a newer one."""
-        done = await self._retrying(lambda: self._redis.hget(backfill_done_key(self._stream), did))
+        done = await self.retrying(lambda: self._redis.hget(backfill_done_key(self._stream), did))
         return done is not None and text(done) >= rev
 
     async def _failed(self, did: str, reason: str) -> None:
         log.warning("backfill of %s failed: %s", did, reason)
         value = json.dumps({"reason": reason, "time": datetime.now(UTC).isoformat()})
-        await self._retrying(
-            lambda: self._redis.hset(backfill_failed_key(self._stream), did, value)
-        )
+        await self.retrying(lambda: self._redis.hset(backfill_failed_key(self._stream), did, value))
 
     @property
     def relay_http(self) -> str:
@@ -302,7 +307,7 @@ class Backfill:
                 url = http + url.removeprefix(ws)
         return url.split("/xrpc/", 1)[0]
 
-    async def _retrying(self, step: Callable[[], Awaitable[T]]) -> T:
+    async def retrying(self, step: Callable[[], Awaitable[T]]) -> T:
         """Run a Redis or PostgreSQL step until it succeeds: an outage is waited out."""
         delay = self._settings.ingester_backoff_s
         while True:

@@ -64,7 +64,9 @@ async def backfill(
     try:
         work: AsyncIterator[Job]
         if plan.dids is None:
-            listing = Listing(client, engine.xrpc, engine.stream, engine.relay_http)
+            listing = Listing(
+                client, engine.xrpc, engine.stream, engine.relay_http, engine.retrying
+            )
             listing.page_size = plan.page_size
             work = listing.jobs()
         else:
@@ -73,9 +75,11 @@ async def backfill(
         health = Health(settings.stall_after_s, checks=())
         port = settings.metrics_port if standalone else 0
         async with serving(metrics.registry, health, port), _reporting(engine):
-            progress = await engine.run(work)
-        if listing is not None:
-            await listing.finish()
+            try:
+                progress = await engine.run(work)
+            finally:  # also when the listing failed: the cursor after what was finished
+                if listing is not None:
+                    await listing.finish()
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)

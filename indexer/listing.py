@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -21,9 +22,15 @@ from indexer.backfill import Job
 from indexer.constants import BACKFILL_PAGE, cursor_key
 from indexer.source import host_of
 from indexer.stream import text
-from indexer.xrpc import Xrpc
+from indexer.xrpc import GaveUp, Unavailable, Xrpc
 
 log = logging.getLogger(__name__)
+
+Retrying = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+class ListingFailed(ConnectionError):
+    """listRepos gave up; the repos listed before were finished and the cursor kept."""
 
 
 @dataclass(slots=True)
@@ -39,8 +46,11 @@ class _Page:
 class Listing:
     """The repos of a relay's listRepos as backfill jobs, with the cursor saved in order."""
 
-    def __init__(self, client: aioredis.Redis, xrpc: Xrpc, stream: str, base: str) -> None:
+    def __init__(
+        self, client: aioredis.Redis, xrpc: Xrpc, stream: str, base: str, retrying: Retrying
+    ) -> None:
         self._redis = client
+        self._retrying = retrying  # Redis steps wait out an outage
         self._xrpc = xrpc
         self._base = base
         self._key = cursor_key(stream, host_of(base))
@@ -52,12 +62,18 @@ class Listing:
 
     async def jobs(self) -> AsyncIterator[Job]:
         """Every active repo listed after the saved cursor, page by page."""
-        saved = await self._redis.get(self._key)
+        saved = await self._retrying(lambda: self._redis.get(self._key))
         cursor = text(saved) if saved else None
         if cursor:
             log.info("resuming listRepos of %s after cursor %s", self._base, cursor)
         while True:
-            page = await self._xrpc.list_repos(self._base, cursor, self.page_size)
+            try:
+                page = await self._xrpc.list_repos(self._base, cursor, self.page_size)
+            except (GaveUp, Unavailable) as exc:
+                raise ListingFailed(
+                    f"listRepos of {self._base} failed: {exc}; what was listed before is "
+                    "finished and the cursor kept: run it again to go on"
+                ) from None
             active = [r for r in page.repos if r.active]
             self.listed += len(page.repos)
             self.inactive += len(page.repos) - len(active)
@@ -81,10 +97,10 @@ class Listing:
         if not moved:
             return
         if cursor is None:
-            await self._redis.delete(self._key)
+            await self._retrying(lambda: self._redis.delete(self._key))
             self.complete = True
         else:
-            await self._redis.set(self._key, cursor)
+            await self._retrying(lambda: self._redis.set(self._key, cursor))
 
     async def finish(self) -> None:
         """After the workers are done: save what they finished since the last page."""

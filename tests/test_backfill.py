@@ -21,7 +21,7 @@ from indexer.metrics import BackfillMetrics
 from indexer.source import host_of
 from indexer.workload import LIKE, POST, tid
 from tests.fake_jetstream import FakeJetstream
-from tests.fake_pds import DID_DOC, GET_REPO, RESET, FakeNetwork, Response, make_network
+from tests.fake_pds import DID_DOC, GET_REPO, LIST_REPOS, RESET, FakeNetwork, Response, make_network
 from tests.fake_repo import FakeRepo
 from tests.helpers import assert_no_drift, drain_replicas, push
 from tests.observe import indexer, indexer_env, start_indexer
@@ -432,3 +432,41 @@ async def test_a_did_web_repo_is_found_through_its_well_known_document(
     assert pds.count(DID_DOC) == 1 and network.plc.count(DID_DOC) == 0
     await drain_replicas(settings, 1)
     assert (await _stored(db))[repo.did] == repo.expected()
+
+
+async def test_a_relay_that_stops_listing_ends_the_run_with_its_cursor_kept(
+    settings: Settings, network: FakeNetwork, redis: aioredis.Redis, monkeypatch: Any
+) -> None:
+    """listRepos failing on its second page: `backfill all` finishes the repos it was given,
+    keeps the cursor after them, exits 1 with one line; the next run resumes from there."""
+    settings = _settings(settings, network)
+    env = indexer_env(settings, PLC_URL=network.plc.url, RELAY_URL=network.relay.url,
+                      BACKFILL_ATTEMPTS="2", BACKFILL_BACKOFF_S="0.05")  # fmt: skip
+    dids = sorted(network.repos)
+    relay = network.relay
+    route = relay.route
+
+    def failing(endpoint: str, did: str | None, query: Any) -> Response:
+        if endpoint == LIST_REPOS and query.get("cursor") == dids[3]:
+            return Response(502, b"{}")
+        return route(endpoint, did, query)
+
+    monkeypatch.setattr(relay, "route", failing)
+    code, out, err = await indexer(env, "backfill", "all", "--page-size", "4")
+    assert code == 1, err
+    assert err.strip().splitlines()[-1] == (
+        f"error: listRepos of {relay.url} failed: listRepos: HTTP 502 (2 attempts); "
+        "what was listed before is finished and the cursor kept: run it again to go on"
+    )
+    assert "Traceback" not in err
+    stream = settings.streams[1]
+    assert sorted(await _hash(redis, backfill_done_key(stream))) == dids[:4]
+    assert await redis.get(cursor_key(stream, host_of(relay.url))) == dids[3].encode()
+
+    monkeypatch.setattr(relay, "route", route)
+    relay.reset_stats()
+    code, out, err = await indexer(env, "backfill", "all", "--page-size", "4")
+    assert code == 0, err
+    assert "8 repos (8 backfilled, 0 skipped, 0 failed)" in out
+    assert relay.hits[0].query.get("cursor") == dids[3]
+    assert sorted(await _hash(redis, backfill_done_key(stream))) == dids
