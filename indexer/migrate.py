@@ -35,7 +35,11 @@ def sql_dir() -> Path:
     checkout = Path(__file__).resolve().parent.parent / "sql"
     if checkout.is_dir():
         return checkout
-    return Path(str(resources.files("indexer.sql")))
+    # `indexer.sql` has no __init__.py: installed, it is a namespace package, whose files() is a
+    # MultiplexedPath (its str() is no path). Its files say where the directory is.
+    for entry in resources.files("indexer.sql").iterdir():
+        return Path(str(entry)).parent
+    raise SchemaNotReady("no migrations are installed with the package (indexer/sql is empty)")
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:
