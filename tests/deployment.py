@@ -91,6 +91,19 @@ def _subcommand_at(group: Any, args: list[str]) -> int | None:
     return None
 
 
+def command_signature(args: list[str]) -> str:
+    """`dlq retry --all` for ["dlq", "retry", "--all"]: the subcommands and the options given,
+    without values, as tests name what they exercise."""
+    command: Any = typer.main.get_command(app)
+    path, rest = [], list(args)
+    while hasattr(command, "get_command") and (at := _subcommand_at(command, rest)) is not None:
+        ctx = command.make_context(command.name or "indexer", list(rest))
+        path.append(rest[at])
+        command, rest = command.get_command(ctx, rest[at]), rest[at + 1 :]
+    options = sorted({a.split("=", 1)[0] for a in args if a.startswith("--")})
+    return " ".join(path + options)
+
+
 # --- compose ---
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$\$")
