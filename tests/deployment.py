@@ -237,16 +237,15 @@ _NAME = re.compile(r"(?<![\w.$\"])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])(?!\s*\()")
 _STRING = re.compile(r"\"(?:[^\"\\]|\\.)*\"")
 
 
-def promql_problems(expr: str, exported: Exported) -> list[str]:
-    """Metric names and label names in a PromQL expression that nothing exports."""
-    problems = []
+def promql_names(expr: str) -> tuple[dict[str, set[str]], set[str]]:
+    """The metric names of a PromQL expression with the labels their selectors match on, and
+    the labels of its by/without/on/ignoring/group_* clauses."""
     used: dict[str, set[str]] = {}
-    rest = expr
     for m in _SELECTOR.finditer(expr):
         if m.group(1):
             used.setdefault(m.group(1), set()).update(_MATCHER.findall(m.group(2)))
-    rest = _SELECTOR.sub(" ", rest)
-    clause_labels = {label.strip() for body in _CLAUSE.findall(rest) for label in body.split(",")}
+    rest = _SELECTOR.sub(" ", expr)
+    clauses = {label.strip() for body in _CLAUSE.findall(rest) for label in body.split(",")}
     rest = _CLAUSE.sub(" ", rest)
     rest = re.sub(r"\[[^\]]*\]", " ", rest)  # ranges and subqueries, [5m], [$__rate_interval]
     rest = _STRING.sub(" ", rest)
@@ -254,6 +253,13 @@ def promql_problems(expr: str, exported: Exported) -> list[str]:
     for name in _NAME.findall(rest):
         if name.lower() not in _KEYWORDS:
             used.setdefault(name, set())
+    return used, clauses - {""}
+
+
+def promql_problems(expr: str, exported: Exported) -> list[str]:
+    """Metric names and label names in a PromQL expression that nothing exports."""
+    problems = []
+    used, clause_labels = promql_names(expr)
     all_labels: set[str] = set(TARGET_LABELS)
     for name, labels in used.items():
         known = exported.labels_of(name)
@@ -263,7 +269,7 @@ def promql_problems(expr: str, exported: Exported) -> list[str]:
         all_labels |= known
         for label in sorted(labels - known - TARGET_LABELS):
             problems.append(f"{name} has no label {label!r}")
-    for label in sorted(clause_labels - {""} - all_labels):
+    for label in sorted(clause_labels - all_labels):
         problems.append(f"no metric of `{expr}` has the label {label!r}")
     return problems
 
