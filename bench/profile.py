@@ -1,0 +1,195 @@
+"""Where a replica's time goes: SQL statements by round-trip time, and the replica's Python.
+
+    python -m bench.profile [--events N] [--batch-size B] [--concurrency C] [--grow COPIES]
+                            [--pyinstrument FILE]
+
+One in-process replica (uvloop) drains a workload (indexer.workload) from a throwaway Redis into
+a throwaway migrated PostgreSQL, optionally after the tables were grown by COPIES suffixed
+copies of a first pass. Every statement's round trip is timed on the client (PostgreSQL's work,
+lock waits, the wire), grouped by statement; the rest of the wall time is the replica's own
+Python (decode, rows, asyncpg encoding) and Redis. A development tool: its figures are wall
+times on a shared machine, to compare statements with each other, not runs with runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import uvloop
+
+from bench.tables import dump_tables, load_suffixed_copies
+from indexer.config import load_settings
+from indexer.devservers import throwaway_postgres, throwaway_redis
+from indexer.ingest_file import ingest_file
+from indexer.metrics import Metrics
+from indexer.migrate import migrate
+from indexer.replica import Replica
+from indexer.workload import DEFAULT_START_TIME_US, write_jsonl
+from plugins import registry
+
+_TIMED = ("execute", "fetch", "fetchval", "fetchrow", "executemany", "copy_records_to_table")
+
+
+class StatementClock:
+    """Wall seconds and calls per statement, measured around asyncpg's connection methods."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        self.calls: defaultdict[str, int] = defaultdict(int)
+
+    def install(self) -> None:
+        cls: Any = asyncpg.connection.Connection
+        for name in _TIMED:
+            setattr(cls, name, self._timed(getattr(cls, name), name))
+
+    def _timed(self, method: Callable[..., Awaitable[Any]], name: str) -> Any:
+        clock = self
+
+        async def timed(conn: Any, query: Any = "", *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await method(conn, query, *args, **kwargs)
+            finally:
+                key = _label(name, query)
+                clock.seconds[key] += time.perf_counter() - started
+                clock.calls[key] += 1
+
+        return timed
+
+    def report(self, wall_s: float, batches: int) -> str:
+        total = sum(self.seconds.values())
+        lines = [
+            f"wall {wall_s:.2f} s, {batches} batches; statements {total:.2f} s "
+            f"({sum(self.calls.values()) / max(batches, 1):.1f} per batch)",
+            f"{'seconds':>8} {'share':>6} {'calls':>7} {'ms/call':>8}  statement",
+        ]
+        for key, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            calls = self.calls[key]
+            lines.append(
+                f"{seconds:8.2f} {seconds / total:6.1%} {calls:7d} "
+                f"{seconds / calls * 1000:8.2f}  {key}"
+            )
+        return "\n".join(lines)
+
+
+def _label(method: str, query: Any) -> str:
+    text = re.sub(r"\s+", " ", str(query))
+    return f"{method}: {text[:110]}"
+
+
+_ACTIVITY = (
+    "SELECT coalesce(wait_event_type || ':' || wait_event, 'running'), left(query, 60) "
+    "FROM pg_stat_activity WHERE state = 'active' AND backend_type = 'client backend' "
+    "AND pid <> pg_backend_pid()"
+)
+
+
+async def _sample_waits(dsn: str, counts: Counter[tuple[str, str]], done: asyncio.Event) -> None:
+    """What the server's backends are doing, every 10 ms: running, or waiting on what."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        while not done.is_set():
+            for wait, query in await conn.fetch(_ACTIVITY):
+                counts[(wait, re.sub(r"\s+", " ", query))] += 1
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
+def _waits_report(counts: Counter[tuple[str, str]]) -> str:
+    total = sum(counts.values()) or 1
+    by_wait: Counter[str] = Counter()
+    for (wait, _), n in counts.items():
+        by_wait[wait] += n
+    lines = ["backend samples (active client backends, every 10 ms):"]
+    lines += [f"{n / total:6.1%}  {wait}" for wait, n in by_wait.most_common(8)]
+    lines.append("top (state, statement):")
+    lines += [f"{n / total:6.1%}  {w:28} {q}" for (w, q), n in counts.most_common(14)]
+    return "\n".join(lines)
+
+
+async def _drain(redis_url: str, dsn: str, stream: str, args: argparse.Namespace) -> float:
+    env = {
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": dsn,
+        "INDEXER_STREAMS": stream,
+        "INDEXER_BATCH_SIZE": str(args.batch_size),
+        "INDEXER_CONCURRENCY": str(args.concurrency),
+        "METRICS_PORT": "0",
+        "INDEXER_BLOCK_MS": "100",
+    }
+    replica = Replica(load_settings(env), registry(), Metrics())
+    started = time.perf_counter()
+    await replica.run(drain=True)
+    return time.perf_counter() - started
+
+
+async def _main(args: argparse.Namespace, work: Path) -> None:
+    with throwaway_redis(work) as redis_server, throwaway_postgres(work) as pg:
+        dsn = pg.dsn()
+        await migrate(dsn)
+        if args.grow:
+            first = work / "first.jsonl"
+            write_jsonl(first, args.events, args.seed + 100)
+            await ingest_file(_settings(redis_server.url, dsn, "grow_live"), str(first))
+            await _drain(redis_server.url, dsn, "grow_live", args)
+            dumps = await dump_tables(dsn, False, "text")
+            await load_suffixed_copies(dsn, dumps, args.grow)
+        path = work / "workload.jsonl"
+        later = DEFAULT_START_TIME_US + (86_400_000_000 if args.grow else 0)
+        write_jsonl(path, args.events, args.seed, start_time_us=later)
+        await ingest_file(_settings(redis_server.url, dsn, "profile_live"), str(path))
+        clock = StatementClock()
+        clock.install()
+        profiler = None
+        if args.pyinstrument:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(async_mode="disabled", interval=0.002)
+            profiler.start()
+        waits: Counter[tuple[str, str]] = Counter()
+        done = asyncio.Event()
+        sampler = asyncio.create_task(_sample_waits(dsn, waits, done))
+        wall = await _drain(redis_server.url, dsn, "profile_live", args)
+        done.set()
+        await sampler
+        if profiler is not None:
+            profiler.stop()
+            text = profiler.output_text(unicode=False, color=False)
+            await asyncio.to_thread(Path(args.pyinstrument).write_text, text)
+        print(f"{args.events / wall:,.0f} events/s")
+        print(clock.report(wall, -(-args.events // args.batch_size)))
+        print(_waits_report(waits))
+
+
+def _settings(redis_url: str, dsn: str, stream: str) -> Any:
+    return load_settings({"REDIS_URL": redis_url, "DATABASE_URL": dsn, "INDEXER_STREAMS": stream})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--grow", type=int, default=0, help="suffixed copies of a first pass")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--pyinstrument", help="write a pyinstrument text report here (pip install pyinstrument)"
+    )
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="firehose-profile-") as work:
+        Path(work).chmod(0o755)
+        uvloop.run(_main(args, Path(work)))
+
+
+if __name__ == "__main__":
+    main()
