@@ -30,27 +30,30 @@ from __future__ import annotations
 
 from indexer.db import Connection
 
-_INVALID = (
-    'CASE WHEN p.uri IS NOT NULL AND c."replyRoot" IS DISTINCT FROM coalesce(p."replyRoot", p.uri) '
+# Two statements, each driven by one index (`post_pkey`, `post_replyparent_idx`), the parent
+# and the gates read per row by key in scalar subqueries: a join of `post` with itself, or an
+# EXISTS, let the planner pick a plan that scans a whole table, which grows with it. Rows already
+# right are not written.
+_PARENT_ROOT = 'SELECT coalesce(p."replyRoot", p.uri) FROM post p WHERE p.uri = c."replyParent"'
+_INVALID = (  # the parent's root is NULL only when the parent is unknown
+    f'CASE WHEN ({_PARENT_ROOT}) IS NOT NULL AND c."replyRoot" IS DISTINCT FROM ({_PARENT_ROOT}) '
     "THEN true END"
 )
-_HAS = 'CASE WHEN EXISTS (SELECT 1 FROM {} g WHERE g."postUri" = c.uri) THEN true END'
-# The new posts ($1) and the replies to them, in one statement (a new post may be both a reply
-# and gated): `invalidReplyRoot` of all of them, from their parent; the gate flags of the new
-# posts only, whose locks this transaction holds (a reply's gate may be changing in another
-# transaction: its flags are left as the row has them now). Rows already right are not written.
-_RECHECK = (
-    'UPDATE post t SET "invalidReplyRoot" = f.invalid, '
-    '"hasThreadGate" = CASE WHEN f.own THEN f.thread ELSE t."hasThreadGate" END, '
-    '"hasPostGate" = CASE WHEN f.own THEN f.post ELSE t."hasPostGate" END '
-    "FROM (SELECT c.uri, c.uri = ANY($1::varchar[]), "
-    f"{_INVALID}, {_HAS.format('thread_gate')}, {_HAS.format('post_gate')} "
-    "FROM (SELECT uri FROM unnest($1::varchar[]) AS u(uri) "
-    'UNION SELECT uri FROM post WHERE "replyParent" = ANY($1::varchar[])) AS k '
-    'JOIN post c ON c.uri = k.uri LEFT JOIN post p ON p.uri = c."replyParent"'
-    ") AS f(uri, own, invalid, thread, post) "
-    'WHERE t.uri = f.uri AND (t."invalidReplyRoot" IS DISTINCT FROM f.invalid OR f.own AND '
-    '(t."hasThreadGate", t."hasPostGate") IS DISTINCT FROM (f.thread, f.post))'
+_HAS = '(SELECT true FROM {} g WHERE g."postUri" = c.uri)'  # true, or NULL when there is none
+_FLAGS = f"{_INVALID}, {_HAS.format('thread_gate')}, {_HAS.format('post_gate')}"
+# The new posts ($1): `invalidReplyRoot` from their parent, and their gate flags (this
+# transaction holds their locks).
+_RECHECK_NEW = (
+    f'UPDATE post c SET ("invalidReplyRoot", "hasThreadGate", "hasPostGate") = ({_FLAGS}) '
+    "WHERE c.uri = ANY($1::varchar[]) AND "
+    f'(c."invalidReplyRoot", c."hasThreadGate", c."hasPostGate") IS DISTINCT FROM ({_FLAGS})'
+)
+# ... and the replies to them: `invalidReplyRoot` only (a reply's gate may be changing in
+# another transaction: its gate flags are left as the row has them now).
+_RECHECK_REPLIES = (
+    f'UPDATE post c SET "invalidReplyRoot" = {_INVALID} '
+    'WHERE c."replyParent" = ANY($1::varchar[]) '
+    f'AND c."invalidReplyRoot" IS DISTINCT FROM {_INVALID}'
 )
 _ORPHAN_REPLIES = (
     'UPDATE post SET "invalidReplyRoot" = NULL '
@@ -61,7 +64,8 @@ _ORPHAN_REPLIES = (
 async def posts_added(conn: Connection, uris: list[str]) -> None:
     """New posts: their flags and their replies' flags (the caller holds their locks)."""
     if uris:
-        await conn.execute(_RECHECK, uris)
+        await conn.execute(_RECHECK_NEW, uris)
+        await conn.execute(_RECHECK_REPLIES, uris)
 
 
 async def posts_removed(conn: Connection, uris: list[str]) -> None:
