@@ -18,10 +18,13 @@ _DELETE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
 # are inserted without locking existing rows (ON CONFLICT DO UPDATE would lock every one of
 # them until commit, serializing replicas on shared authors). The UPDATE is its own statement so
 # that it sees rows another batch committed while this one waited on them, and it locks only
-# the rare row whose time moves earlier.
+# the rare row whose time moves earlier. Dids already committed are left out before the insert:
+# ON CONFLICT checks a key against every version of its row, so it would wait for any batch
+# that updated that actor (its handle, its time) to commit; a plain read does not.
 _NEW_ACTORS = (
     'INSERT INTO actor (did, "indexedAt") '
-    "SELECT * FROM unnest($1::varchar[], $2::varchar[]) ORDER BY 1 "
+    "SELECT * FROM unnest($1::varchar[], $2::varchar[]) AS n(did, t) "
+    "WHERE NOT EXISTS (SELECT 1 FROM actor a WHERE a.did = n.did) ORDER BY 1 "
     "ON CONFLICT (did) DO NOTHING RETURNING did"
 )
 _EARLIER_ACTORS = (
