@@ -164,7 +164,7 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         await sampler
         if profiler is not None:
             profiler.stop()
-            text = profiler.output_text(unicode=False, color=False)
+            text = profiler.output_text(unicode=False, color=False, show_all=True)
             await asyncio.to_thread(Path(args.pyinstrument).write_text, text)
         print(f"{args.events / wall:,.0f} events/s")
         print(clock.report(wall, -(-args.events // args.batch_size)))
