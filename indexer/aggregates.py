@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Final
 
-from indexer.db import Connection
+from indexer.db import Connection, json_rows, rows_json
 
 POST_COUNTERS: Final = ("likeCount", "repostCount", "replyCount", "quoteCount")
 PROFILE_COUNTERS: Final = ("followersCount", "followsCount", "postsCount")
@@ -17,11 +17,10 @@ PROFILE_COUNTERS: Final = ("followersCount", "followsCount", "postsCount")
 
 def _upsert_sql(table: str, key: str, counters: tuple[str, ...]) -> str:
     cols = ", ".join(f'"{c}"' for c in counters)
-    arrays = ", ".join(f"${i + 2}::bigint[]" for i in range(len(counters)))
+    rows = json_rows(("varchar",) + ("bigint",) * len(counters))
     sums = ", ".join(f'"{c}" = {table}."{c}" + excluded."{c}"' for c in counters)
     return (
-        f"INSERT INTO {table} ({key}, {cols}) "
-        f"SELECT * FROM unnest($1::varchar[], {arrays}) ORDER BY 1 "
+        f"INSERT INTO {table} ({key}, {cols}) {rows} ORDER BY 1 "
         f"ON CONFLICT ({key}) DO UPDATE SET {sums}"
     )
 
@@ -64,13 +63,11 @@ class Deltas:
 
     async def apply(self, conn: Connection) -> None:
         """Apply the non-zero deltas, keys sorted so concurrent batches lock rows in one order."""
-        await _apply(conn, _POST_SQL, self._post, len(POST_COUNTERS))
-        await _apply(conn, _PROFILE_SQL, self._profile, len(PROFILE_COUNTERS))
+        await _apply(conn, _POST_SQL, self._post)
+        await _apply(conn, _PROFILE_SQL, self._profile)
 
 
-async def _apply(conn: Connection, sql: str, deltas: dict[str, list[int]], width: int) -> None:
+async def _apply(conn: Connection, sql: str, deltas: dict[str, list[int]]) -> None:
     keys = sorted(k for k, v in deltas.items() if any(v))
-    if not keys:
-        return
-    columns = [[deltas[k][i] for k in keys] for i in range(width)]
-    await conn.execute(sql, keys, *columns)
+    if keys:
+        await conn.execute(sql, rows_json([(k, *deltas[k]) for k in keys]))

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
+import msgspec
 from asyncpg.exceptions import _base as asyncpg_base
 
 from indexer.config import Settings, mask_url
@@ -17,6 +18,7 @@ from indexer.config import Settings, mask_url
 log = logging.getLogger(__name__)
 
 Connection = Any  # asyncpg ships no type information
+_rows_encoder = msgspec.json.Encoder()
 
 # SQLSTATE classes that mean "this data is bad": retrying the same rows fails the same way
 # (22 data exception, 23 constraint violation, 54 limit exceeded, such as an index row too big).
@@ -55,6 +57,32 @@ def is_unavailable(exc: BaseException) -> bool:
         # during failover) refuses writes until the new primary takes over.
         return state[:2] in ("08", "57", "53") or state == "25006"
     return False
+
+
+def json_rows(types: tuple[str, ...], param: int = 1) -> str:
+    """`SELECT (r->>0)::t0, ... FROM jsonb_array_elements($param::jsonb) AS r`: the rows of one
+    `rows_json` parameter, one column per type."""
+    values = ", ".join(f"(r->>{i})::{t}" for i, t in enumerate(types))
+    return f"SELECT {values} FROM jsonb_array_elements(${param}::jsonb) AS r"
+
+
+def rows_json(rows: list[tuple[Any, ...]]) -> str:
+    """Rows as one JSON array of arrays, for `json_rows`.
+
+    One text parameter instead of an array per column: asyncpg encodes arrays element by element
+    in Python, which cost the replica more than any other step of a batch; msgspec encodes the
+    whole batch at once. (Strings hold no NUL, which jsonb refuses: `indexer.normalize`.)
+    """
+    try:
+        return _rows_encoder.encode(rows).decode()
+    except (UnicodeEncodeError, TypeError) as exc:  # a lone surrogate, a value of no JSON type
+        raise BadRows(f"rows cannot be sent: {exc}") from None
+
+
+class BadRows(ValueError):
+    """Rows that cannot be encoded: bad data, dead-lettered like a value PostgreSQL refuses."""
+
+    sqlstate = "22021"  # character_not_in_repertoire
 
 
 class Database:

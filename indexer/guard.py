@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from indexer.db import Connection
+from indexer.db import Connection, json_rows, rows_json
 from indexer.plugin import Kind, Op, columns
 
 if TYPE_CHECKING:
@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 _INSERT = (
     'INSERT INTO record_state (uri, did, rev, live, "updatedAt") '
-    "SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::bool[], "
-    "$5::varchar[]) ORDER BY 1 ON CONFLICT (uri) DO NOTHING RETURNING uri"
+    f"{json_rows(('varchar', 'varchar', 'varchar', 'bool', 'varchar'))} "
+    "ORDER BY 1 ON CONFLICT (uri) DO NOTHING RETURNING uri"
 )
 _LOCK = (
     "SELECT uri, rev, live FROM record_state WHERE uri = ANY($1::varchar[]) ORDER BY uri FOR UPDATE"
@@ -49,7 +49,7 @@ async def apply_guard(conn: Connection, items: list[Item]) -> list[Change]:
     if not items:
         return []
     rows = [(i.op.uri, i.op.did, i.op.rev, not i.delete, i.op.indexed_at) for i in items]
-    fresh = {r["uri"] for r in await conn.fetch(_INSERT, *columns(rows, 5))}
+    fresh = {r["uri"] for r in await conn.fetch(_INSERT, rows_json(rows))}
     known = [i for i in items if i.op.uri not in fresh]
     current = {}
     if known:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from indexer.aggregates import Deltas
-from indexer.db import Connection
+from indexer.db import Connection, json_rows
 
 Kind = Literal["insert", "update", "delete"]  # what a change does to a record's typed rows
 
@@ -82,10 +82,10 @@ def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 def unnest_insert(table: str, cols: tuple[str, ...], types: tuple[str, ...], tail: str) -> str:
-    """`INSERT INTO table (cols) SELECT * FROM unnest(...) ORDER BY 1 <tail>`, keys in one order."""
+    """`INSERT INTO table (cols) <json_rows> ORDER BY 1 <tail>`, keys in one order; its one
+    parameter is `rows_json(rows)`."""
     names = ", ".join(f'"{c}"' for c in cols)
-    arrays = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
-    return f'INSERT INTO "{table}" ({names}) SELECT * FROM unnest({arrays}) ORDER BY 1 {tail}'
+    return f'INSERT INTO "{table}" ({names}) {json_rows(types)} ORDER BY 1 {tail}'
 
 
 def sort_at(created_at: str, indexed_at: str) -> str:

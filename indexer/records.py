@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from indexer.db import Connection
+from indexer.db import Connection, json_rows, rows_json
 from indexer.guard import Change
-from indexer.plugin import columns
 
 _UPSERT = (
     'INSERT INTO record (uri, cid, did, json, rev, "indexedAt") '
-    "SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::text[], "
-    "$5::varchar[], $6::varchar[]) ORDER BY 1 "
+    f"{json_rows(('varchar', 'varchar', 'varchar', 'text', 'varchar', 'varchar'))} ORDER BY 1 "
     "ON CONFLICT (uri) DO UPDATE SET cid = excluded.cid, json = excluded.json, "
     'rev = excluded.rev, "indexedAt" = excluded."indexedAt"'
 )
@@ -23,13 +21,13 @@ _DELETE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
 # that updated that actor (its handle, its time) to commit; a plain read does not.
 _NEW_ACTORS = (
     'INSERT INTO actor (did, "indexedAt") '
-    "SELECT * FROM unnest($1::varchar[], $2::varchar[]) AS n(did, t) "
+    f"SELECT * FROM ({json_rows(('varchar', 'varchar'))}) AS n(did, t) "
     "WHERE NOT EXISTS (SELECT 1 FROM actor a WHERE a.did = n.did) ORDER BY 1 "
     "ON CONFLICT (did) DO NOTHING RETURNING did"
 )
 _EARLIER_ACTORS = (
     'UPDATE actor a SET "indexedAt" = b.t '
-    "FROM unnest($1::varchar[], $2::varchar[]) AS b(did, t) "
+    f"FROM ({json_rows(('varchar', 'varchar'))}) AS b(did, t) "
     'WHERE a.did = b.did AND b.t < a."indexedAt"'
 )
 
@@ -42,7 +40,7 @@ async def write_records(conn: Connection, changes: list[Change]) -> None:
         await conn.execute(_DELETE, gone)
     if live:
         rows = [(op.uri, op.cid, op.did, op.json, op.rev, op.indexed_at) for op in live]
-        await conn.execute(_UPSERT, *columns(rows, 6))
+        await conn.execute(_UPSERT, rows_json(rows))
 
 
 async def ensure_actors(conn: Connection, authors: dict[str, str]) -> None:
@@ -53,7 +51,7 @@ async def ensure_actors(conn: Connection, authors: dict[str, str]) -> None:
     """
     if not authors:
         return
-    added = {r["did"] for r in await conn.fetch(_NEW_ACTORS, *columns(sorted(authors.items()), 2))}
+    added = {r["did"] for r in await conn.fetch(_NEW_ACTORS, rows_json(sorted(authors.items())))}
     known = sorted((d, t) for d, t in authors.items() if d not in added)
     if known:
-        await conn.execute(_EARLIER_ACTORS, *columns(known, 2))
+        await conn.execute(_EARLIER_ACTORS, rows_json(known))

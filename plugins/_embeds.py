@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from indexer.constants import MAX_CID_CHARS, MAX_TEXT_CHARS
-from indexer.db import Connection
+from indexer.db import Connection, rows_json
 from indexer.events import StrongRef
 from indexer.normalize import clean_optional, clean_text
-from indexer.plugin import columns, unnest_insert
+from indexer.plugin import unnest_insert
 from plugins.profile import blob_cid
 
 IMAGES: Final = "app.bsky.embed.images"
@@ -102,7 +102,7 @@ class EmbedRows:
     async def write(self, conn: Connection) -> None:
         for table, rows in self.rows.items():
             if rows:
-                await conn.execute(_INSERT[table], *columns(rows, len(_TABLES[table])))
+                await conn.execute(_INSERT[table], rows_json(rows))
 
 
 def at_uri_collection(uri: str) -> str | None:

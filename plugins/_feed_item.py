@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from indexer.db import Connection
-from indexer.plugin import columns, unnest_insert
+from indexer.db import Connection, rows_json
+from indexer.plugin import unnest_insert
 
 COLUMNS = ("uri", "cid", "type", "postUri", "originatorDid", "sortAt")
 _INSERT = unnest_insert("feed_item", COLUMNS, ("varchar",) * 6, "ON CONFLICT (uri) DO NOTHING")
@@ -15,7 +15,7 @@ _DELETE = "DELETE FROM feed_item WHERE uri = ANY($1::varchar[])"
 async def add(conn: Connection, items: list[tuple[Any, ...]]) -> None:
     """Insert rows of COLUMNS (already present ones are kept)."""
     if items:
-        await conn.execute(_INSERT, *columns(items, len(COLUMNS)))
+        await conn.execute(_INSERT, rows_json(items))
 
 
 async def remove(conn: Connection, uris: list[str]) -> None:

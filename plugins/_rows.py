@@ -12,9 +12,9 @@ from typing import Any
 
 from indexer.aggregates import Deltas
 from indexer.constants import MAX_TEXT_CHARS
-from indexer.db import Connection
+from indexer.db import Connection, rows_json
 from indexer.normalize import clean_optional
-from indexer.plugin import Op, columns, unnest_insert
+from indexer.plugin import Op, unnest_insert
 from plugins.profile import blob_cid
 
 __all__ = ["RowPlugin", "blob_cid", "json_text"]
@@ -80,7 +80,7 @@ class RowPlugin:
             else:
                 rows.append(row)
         if rows:
-            await conn.execute(self._upsert, *columns(rows, len(self.cols)))
+            await conn.execute(self._upsert, rows_json(rows))
             await self.written(conn, rows)
         return refused
 

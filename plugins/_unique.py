@@ -16,7 +16,7 @@ from typing import Any
 
 from indexer import dirty
 from indexer.aggregates import Deltas
-from indexer.db import Connection
+from indexer.db import Connection, rows_json
 from indexer.plugin import Op, columns, unnest_insert
 
 # Live duplicates of deleted originals: their rev-guard rows are locked first, so a concurrent
@@ -102,7 +102,7 @@ class UniqueTable:
         """Insert rows; say which went in, which conflict with an original, which to retry."""
         if not rows:
             return Inserted([], [], [])
-        inserted = await conn.fetch(self._insert, *columns(rows, self._width))
+        inserted = await conn.fetch(self._insert, rows_json(rows))
         if len(inserted) == len(rows):
             return Inserted(list(inserted), [], [])
         done = {r["uri"] for r in inserted}

@@ -9,10 +9,10 @@ import msgspec
 
 from indexer.aggregates import Deltas
 from indexer.constants import MAX_TEXT_CHARS
-from indexer.db import Connection
+from indexer.db import Connection, rows_json
 from indexer.events import StrongRef
 from indexer.normalize import clean_text, normalize_datetime
-from indexer.plugin import Kind, Op, columns, sort_at, unnest_insert
+from indexer.plugin import Kind, Op, sort_at, unnest_insert
 from plugins import _feed_item as feed_item
 from plugins import _post_flags as post_flags
 from plugins._embeds import EmbedRows, at_uri_collection, embedded_record, remove_embeds
@@ -121,7 +121,7 @@ class PostPlugin:
     async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         by_uri = {op.uri: op for op in ops}
         rows = {uri: _row(op) for uri, op in by_uri.items()}
-        inserted = await conn.fetch(_INSERT_POST, *columns(list(rows.values()), len(_POST_COLS)))
+        inserted = await conn.fetch(_INSERT_POST, rows_json(list(rows.values())))
         quotes, items = [], []
         embeds = EmbedRows()
         for rec in inserted:
@@ -146,7 +146,7 @@ class PostPlugin:
         await embeds.write(conn)
         await post_flags.posts_added(conn, [rec["uri"] for rec in inserted])
         if quotes:
-            for q in await conn.fetch(_INSERT_QUOTE, *columns(quotes, 6)):
+            for q in await conn.fetch(_INSERT_QUOTE, rows_json(quotes)):
                 deltas.post(q["subject"], "quoteCount", 1)
 
     async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:

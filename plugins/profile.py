@@ -7,10 +7,10 @@ from typing import Any
 import msgspec
 
 from indexer.aggregates import Deltas
-from indexer.db import Connection
+from indexer.db import Connection, rows_json
 from indexer.events import StrongRef
 from indexer.normalize import clean_optional, normalize_datetime
-from indexer.plugin import Op, columns, unnest_insert
+from indexer.plugin import Op, unnest_insert
 
 
 class ProfileRecord(msgspec.Struct):
@@ -85,7 +85,7 @@ class ProfilePlugin:
 
     async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         if ops:
-            await conn.execute(_UPSERT, *columns([_row(op) for op in ops], len(_COLS)))
+            await conn.execute(_UPSERT, rows_json([_row(op) for op in ops]))
 
     async def update(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         await self.insert(conn, ops, deltas)

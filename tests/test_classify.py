@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncpg
+import msgspec
+import pytest
 from asyncpg.exceptions import _base
 
-from indexer.db import is_contention, is_data_error, is_unavailable
+from indexer.db import BadRows, is_contention, is_data_error, is_unavailable, rows_json
 
 
 def test_failures_are_classified():
@@ -23,3 +25,12 @@ def test_failures_are_classified():
     assert is_contention(asyncpg.InvalidCachedStatementError("cached plan must not change"))
     assert not is_unavailable(asyncpg.UndefinedTableError("no table"))
     assert not is_data_error(asyncpg.UndefinedTableError("no table"))
+
+
+def test_rows_json_round_trips_and_refuses_what_it_cannot_send_as_bad_data():
+    rows = [("at://x/y/z", None, 3, True, 'quote " back\\slash \u00e9 \x1f')]
+    assert msgspec.json.decode(rows_json(rows)) == [list(rows[0])]
+    for bad in ([("lone \ud800 surrogate",)], [(object(),)]):
+        with pytest.raises(BadRows) as caught:
+            rows_json(bad)
+        assert is_data_error(caught.value) and not is_unavailable(caught.value)
