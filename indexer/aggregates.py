@@ -15,9 +15,9 @@ POST_COUNTERS: Final = ("likeCount", "repostCount", "replyCount", "quoteCount")
 PROFILE_COUNTERS: Final = ("followersCount", "followsCount", "postsCount")
 
 
-def _upsert_sql(table: str, key: str, counters: tuple[str, ...]) -> str:
+def _upsert_sql(table: str, key: str, counters: tuple[str, ...], param: int) -> str:
     cols = ", ".join(f'"{c}"' for c in counters)
-    rows = json_rows(("varchar",) + ("bigint",) * len(counters))
+    rows = json_rows(("varchar",) + ("bigint",) * len(counters), param)
     sums = ", ".join(f'"{c}" = {table}."{c}" + excluded."{c}"' for c in counters)
     return (
         f"INSERT INTO {table} ({key}, {cols}) {rows} ORDER BY 1 "
@@ -25,8 +25,12 @@ def _upsert_sql(table: str, key: str, counters: tuple[str, ...]) -> str:
     )
 
 
-_POST_SQL: Final = _upsert_sql("post_agg", "uri", POST_COUNTERS)
-_PROFILE_SQL: Final = _upsert_sql("profile_agg", "did", PROFILE_COUNTERS)
+# Both tables in one round trip. One statement, so every transaction locks the rows in the
+# same order (its plan's), each table's keys sorted.
+_APPLY_SQL: Final = (
+    f"WITH post AS ({_upsert_sql('post_agg', 'uri', POST_COUNTERS, 1)}) "
+    f"{_upsert_sql('profile_agg', 'did', PROFILE_COUNTERS, 2)}"
+)
 
 
 class Deltas:
@@ -63,11 +67,10 @@ class Deltas:
 
     async def apply(self, conn: Connection) -> None:
         """Apply the non-zero deltas, keys sorted so concurrent batches lock rows in one order."""
-        await _apply(conn, _POST_SQL, self._post)
-        await _apply(conn, _PROFILE_SQL, self._profile)
+        post, profile = _rows(self._post), _rows(self._profile)
+        if post or profile:
+            await conn.execute(_APPLY_SQL, rows_json(post), rows_json(profile))
 
 
-async def _apply(conn: Connection, sql: str, deltas: dict[str, list[int]]) -> None:
-    keys = sorted(k for k, v in deltas.items() if any(v))
-    if keys:
-        await conn.execute(sql, rows_json([(k, *deltas[k]) for k in keys]))
+def _rows(deltas: dict[str, list[int]]) -> list[tuple[str | int, ...]]:
+    return [(k, *deltas[k]) for k in sorted(k for k, v in deltas.items() if any(v))]

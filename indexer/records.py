@@ -5,13 +5,14 @@ from __future__ import annotations
 from indexer.db import Connection, json_rows, rows_json
 from indexer.guard import Change
 
-_UPSERT = (
+# The records gone ($2) and those written ($1), disjoint, in one round trip.
+_WRITE = (
+    "WITH gone AS (DELETE FROM record WHERE uri = ANY($2::varchar[])) "
     'INSERT INTO record (uri, cid, did, json, rev, "indexedAt") '
     f"{json_rows(('varchar', 'varchar', 'varchar', 'text', 'varchar', 'varchar'))} ORDER BY 1 "
     "ON CONFLICT (uri) DO UPDATE SET cid = excluded.cid, json = excluded.json, "
     'rev = excluded.rev, "indexedAt" = excluded."indexedAt"'
 )
-_DELETE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
 # The earliest event time seen wins, so the row does not depend on delivery order. New actors
 # are inserted without locking existing rows (ON CONFLICT DO UPDATE would lock every one of
 # them until commit, serializing replicas on shared authors). The UPDATE is its own statement so
@@ -34,13 +35,11 @@ _EARLIER_ACTORS = (
 
 async def write_records(conn: Connection, changes: list[Change]) -> None:
     """Apply the changes to `record`."""
-    live = [c.op for c in changes if c.kind != "delete"]
-    gone = [c.op.uri for c in changes if c.kind == "delete"]
-    if gone:
-        await conn.execute(_DELETE, gone)
-    if live:
+    if changes:
+        live = [c.op for c in changes if c.kind != "delete"]
         rows = [(op.uri, op.cid, op.did, op.json, op.rev, op.indexed_at) for op in live]
-        await conn.execute(_UPSERT, rows_json(rows))
+        gone = [c.op.uri for c in changes if c.kind == "delete"]
+        await conn.execute(_WRITE, rows_json(rows), gone)
 
 
 async def ensure_actors(conn: Connection, authors: dict[str, str]) -> None:

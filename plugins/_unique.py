@@ -97,6 +97,8 @@ class UniqueTable:
             f'DELETE FROM "{table}" WHERE uri = ANY($1::varchar[]) '
             f'RETURNING {back}, "{key[0]}" AS _ka, "{key[1]}" AS _kb'
         )
+        # The records gone, whether originals (in the table) or duplicates: one round trip.
+        self._delete_records = f"WITH dup AS ({_DROP_DUPLICATES}) {self._delete}"
 
     async def insert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> Inserted:
         """Insert rows; say which went in, which conflict with an original, which to retry."""
@@ -131,6 +133,11 @@ class UniqueTable:
     async def remove(self, conn: Connection, uris: list[str]) -> list[Any]:
         """Delete rows by uri; return those actually deleted."""
         return list(await conn.fetch(self._delete, uris)) if uris else []
+
+    async def remove_records(self, conn: Connection, uris: list[str]) -> list[Any]:
+        """Delete records by uri from the table and from `duplicate_record`; return the table's
+        rows actually deleted."""
+        return list(await conn.fetch(self._delete_records, uris)) if uris else []
 
 
 class UniquePlugin:
@@ -175,9 +182,8 @@ class UniquePlugin:
 
     async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         uris = [op.uri for op in ops]
-        gone = await self.table.remove(conn, uris)
+        gone = await self.table.remove_records(conn, uris)
         await self.removed(conn, gone, deltas)
-        await conn.execute(_DROP_DUPLICATES, uris)
         if gone:
             await self._promote(conn, {r["uri"]: (r["_ka"], r["_kb"]) for r in gone}, deltas)
 
@@ -186,8 +192,12 @@ class UniquePlugin:
     ) -> None:
         """The lowest live duplicate of the same pair of each deleted original takes its place."""
         keys = sorted(originals)
-        await conn.fetch(_LOCK_CANDIDATES, keys)  # lock first ...
-        cands = await conn.fetch(_FRESH_CANDIDATES, keys)  # ... then read what is now true
+        # Lock first, then read what is now true. Nothing locked, nothing to read: a batch about
+        # to add a duplicate of one of these originals holds its row FOR SHARE, so it committed
+        # before this one deleted the row (and is seen here) or waits for this one's commit.
+        if not await conn.fetch(_LOCK_CANDIDATES, keys):
+            return
+        cands = await conn.fetch(_FRESH_CANDIDATES, keys)
         if not cands:
             return
         records = await conn.fetch(_RECORDS, [c["uri"] for c in cands])
