@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from indexer import backfill as backfill_module
+from indexer.backfill import Progress
 from indexer.backfill_run import Plan, backfill
 from indexer.config import Settings
 from indexer.constants import backfill_done_key, backfill_failed_key, cursor_key
@@ -470,3 +473,14 @@ async def test_a_relay_that_stops_listing_ends_the_run_with_its_cursor_kept(
     assert "8 repos (8 backfilled, 0 skipped, 0 failed)" in out
     assert relay.hits[0].query.get("cursor") == dids[3]
     assert sorted(await _hash(redis, backfill_done_key(stream))) == dids
+
+
+def test_progress_line_gives_the_rate_and_an_eta_when_the_total_is_known() -> None:
+    started = time.monotonic() - 10.0
+    known = Progress(total=4, done=1, skipped=1, records=100, deletes=3, started=started)
+    line = known.line()
+    assert line.startswith("2/4 repos (1 backfilled, 1 skipped, 0 failed), 100 records, 3 deletes")
+    assert re.search(r", (9|10) records/s, ETA 1[01] s$", line), line
+    listed = Progress(done=3, records=50, started=started).line()
+    assert listed.startswith("3 repos (3 backfilled, 0 skipped, 0 failed), 50 records")
+    assert "ETA" not in listed
