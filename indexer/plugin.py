@@ -81,7 +81,7 @@ def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)]
 
 
-def unnest_insert(table: str, cols: tuple[str, ...], types: tuple[str, ...], tail: str) -> str:
+def bulk_insert(table: str, cols: tuple[str, ...], types: tuple[str, ...], tail: str) -> str:
     """`INSERT INTO table (cols) <json_rows> ORDER BY 1 <tail>`, keys in one order; its one
     parameter is `rows_json(rows)`."""
     names = ", ".join(f'"{c}"' for c in cols)

@@ -15,7 +15,7 @@ from indexer.constants import MAX_CID_CHARS, MAX_TEXT_CHARS
 from indexer.db import Connection, rows_json
 from indexer.events import StrongRef
 from indexer.normalize import clean_optional, clean_text
-from indexer.plugin import unnest_insert
+from indexer.plugin import bulk_insert
 from plugins.profile import blob_cid
 
 IMAGES: Final = "app.bsky.embed.images"
@@ -32,7 +32,7 @@ _TABLES: Final = {
     "post_embed_record": ("postUri", "embedUri", "embedCid"),
 }
 _INSERT: Final = {
-    table: unnest_insert(table, cols, ("varchar",) * len(cols), "ON CONFLICT DO NOTHING")
+    table: bulk_insert(table, cols, ("varchar",) * len(cols), "ON CONFLICT DO NOTHING")
     for table, cols in _TABLES.items()
 }
 # One statement for the four tables: data-modifying CTEs always run, referenced or not.

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from indexer.db import Connection, rows_json
-from indexer.plugin import unnest_insert
+from indexer.plugin import bulk_insert
 
 COLUMNS = ("uri", "cid", "type", "postUri", "originatorDid", "sortAt")
-_INSERT = unnest_insert("feed_item", COLUMNS, ("varchar",) * 6, "ON CONFLICT (uri) DO NOTHING")
+_INSERT = bulk_insert("feed_item", COLUMNS, ("varchar",) * 6, "ON CONFLICT (uri) DO NOTHING")
 _DELETE = "DELETE FROM feed_item WHERE uri = ANY($1::varchar[])"
 
 

@@ -14,7 +14,7 @@ from indexer.aggregates import Deltas
 from indexer.constants import MAX_TEXT_CHARS
 from indexer.db import Connection, rows_json
 from indexer.normalize import clean_optional
-from indexer.plugin import Op, unnest_insert
+from indexer.plugin import Op, bulk_insert
 from plugins.profile import blob_cid
 
 __all__ = ["RowPlugin", "blob_cid", "json_text"]
@@ -41,7 +41,7 @@ class RowPlugin:
 
     def __init__(self) -> None:
         sets = ", ".join(f'"{c}" = excluded."{c}"' for c in self.cols[1:])
-        self._upsert = unnest_insert(
+        self._upsert = bulk_insert(
             self.table,
             self.cols,
             ("varchar",) * len(self.cols),

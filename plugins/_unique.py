@@ -17,7 +17,7 @@ from typing import Any
 from indexer import dirty
 from indexer.aggregates import Deltas
 from indexer.db import Connection, rows_json
-from indexer.plugin import Op, columns, unnest_insert
+from indexer.plugin import Op, bulk_insert, columns
 
 # Live duplicates of deleted originals: their rev-guard rows are locked first, so a concurrent
 # batch deleting or changing one of them either went first or waits for this one; then a new
@@ -84,7 +84,7 @@ class UniqueTable:
         self._width = len(cols)
         self.key_at = (cols.index(key[0]), cols.index(key[1]))
         back = ", ".join(f'"{c}"' for c in ("uri", "cid", "indexedAt", *returning))
-        self._insert = unnest_insert(table, cols, types, f"ON CONFLICT DO NOTHING RETURNING {back}")
+        self._insert = bulk_insert(table, cols, types, f"ON CONFLICT DO NOTHING RETURNING {back}")
         # FOR SHARE: the original cannot be deleted or replaced by another batch until this one,
         # which is about to record duplicates of it, has committed.
         self._find = (

@@ -12,7 +12,7 @@ from indexer.constants import MAX_TEXT_CHARS
 from indexer.db import Connection, rows_json
 from indexer.events import StrongRef
 from indexer.normalize import clean_text, normalize_datetime
-from indexer.plugin import Kind, Op, sort_at, unnest_insert
+from indexer.plugin import Kind, Op, bulk_insert, sort_at
 from plugins import _feed_item as feed_item
 from plugins import _post_flags as post_flags
 from plugins._embeds import EmbedRows, at_uri_collection, embedded_record, remove_embeds
@@ -49,13 +49,13 @@ _POST_COLS = (
     "langs",
     "tags",
 )
-_INSERT_POST = unnest_insert(
+_INSERT_POST = bulk_insert(
     "post",
     _POST_COLS,
     ("varchar",) * 10 + ("jsonb", "jsonb"),
     "ON CONFLICT (uri) DO NOTHING RETURNING uri",
 )
-_INSERT_QUOTE = unnest_insert(
+_INSERT_QUOTE = bulk_insert(
     "quote",
     ("uri", "cid", "subject", "subjectCid", "createdAt", "indexedAt"),
     ("varchar",) * 6,

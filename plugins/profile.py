@@ -10,7 +10,7 @@ from indexer.aggregates import Deltas
 from indexer.db import Connection, rows_json
 from indexer.events import StrongRef
 from indexer.normalize import clean_optional, normalize_datetime
-from indexer.plugin import Op, unnest_insert
+from indexer.plugin import Op, bulk_insert
 
 
 class ProfileRecord(msgspec.Struct):
@@ -38,7 +38,7 @@ _COLS = (
     "createdAt",
     "indexedAt",
 )
-_UPSERT = unnest_insert(
+_UPSERT = bulk_insert(
     "profile",
     _COLS,
     ("varchar",) * len(_COLS),
