@@ -3,7 +3,7 @@
 `record_state` holds one row per record uri ever seen: its highest rev and whether it is live
 (a delete leaves a tombstone, `live = false`). The row is the one lock point per record, so two
 replicas applying ops on one record serialize on it, and any delivery order ends in the state
-of the highest rev.
+of the highest rev. The generic `record` table is written in the same statement.
 """
 
 from __future__ import annotations
@@ -11,26 +11,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from indexer.db import Connection, json_rows, rows_json
-from indexer.plugin import Kind, Op, columns
+from indexer.db import Connection, rows_json
+from indexer.plugin import Kind, Op
 
 if TYPE_CHECKING:
     from indexer.pipeline import Item
 
 
-_INSERT = (
-    'INSERT INTO record_state (uri, did, rev, live, "updatedAt") '
-    f"{json_rows(('varchar', 'varchar', 'varchar', 'bool', 'varchar'))} "
-    "ORDER BY 1 ON CONFLICT (uri) DO NOTHING RETURNING uri"
+_COLUMNS = (
+    ("uri", "varchar"), ("did", "varchar"), ("rev", "varchar"), ("live", "bool"),
+    ("t", "varchar"), ("cid", "varchar"), ("json", "text"),
+)  # fmt: skip
+# The guard and the `record` rows it lets through, in one round trip: guard rows are inserted
+# or, where the op's rev is newer, updated, in uri order (the one lock order of every
+# transaction on them). ON CONFLICT DO UPDATE locks every conflicting row, updated or not, and
+# reads its latest committed version, so a concurrent batch's op on the same record is waited
+# for and compared with, as SELECT ... FOR UPDATE would. RETURNING gives the rows whose state
+# changed: fresh ones (`liveBefore` NULL) and newer revs (`liveBefore` the state replaced).
+# Live ones are upserted into `record` (ON CONFLICT sees rows committed after the statement's
+# snapshot too). Records gone are deleted from `record` by the next statement: a DELETE here
+# would scan with the snapshot taken before the guard waited, and miss a row that the batch
+# it waited for had just committed.
+_APPLY = (
+    "WITH input AS ("
+    f"SELECT {', '.join(f'(r->>{i})::{t} AS {n}' for i, (n, t) in enumerate(_COLUMNS))} "
+    "FROM jsonb_array_elements($1::jsonb) AS r), "
+    'won AS (INSERT INTO record_state AS s (uri, did, rev, live, "updatedAt") '
+    "SELECT uri, did, rev, live, t FROM input ORDER BY uri "
+    "ON CONFLICT (uri) DO UPDATE SET rev = excluded.rev, live = excluded.live, "
+    '"updatedAt" = excluded."updatedAt", "liveBefore" = s.live WHERE s.rev < excluded.rev '
+    'RETURNING uri, live, coalesce("liveBefore", false) AS "wasLive"), '
+    "written AS ("
+    'INSERT INTO record (uri, cid, did, json, rev, "indexedAt") '
+    "SELECT i.uri, i.cid, i.did, i.json, i.rev, i.t FROM input i JOIN won w ON w.uri = i.uri "
+    "WHERE w.live ORDER BY 1 "
+    "ON CONFLICT (uri) DO UPDATE SET cid = excluded.cid, json = excluded.json, "
+    'rev = excluded.rev, "indexedAt" = excluded."indexedAt") '
+    'SELECT uri, "wasLive" FROM won'
 )
-_LOCK = (
-    "SELECT uri, rev, live FROM record_state WHERE uri = ANY($1::varchar[]) ORDER BY uri FOR UPDATE"
-)
-_UPDATE = (
-    'UPDATE record_state s SET rev = u.rev, live = u.live, "updatedAt" = u.t '
-    "FROM unnest($1::varchar[], $2::varchar[], $3::bool[], $4::varchar[]) AS u(uri, rev, live, t) "
-    "WHERE s.uri = u.uri"
-)
+_GONE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
 
 
 @dataclass(slots=True)
@@ -42,35 +61,25 @@ class Change:
 
 
 async def apply_guard(conn: Connection, items: list[Item]) -> list[Change]:
-    """Record the winning revs and return the changes to apply, in uri order.
+    """Record the winning revs, write `record`, and return the changes to apply, in uri order.
 
     `items` hold at most one op per uri, sorted by uri.
     """
     if not items:
         return []
-    rows = [(i.op.uri, i.op.did, i.op.rev, not i.delete, i.op.indexed_at) for i in items]
-    fresh = {r["uri"] for r in await conn.fetch(_INSERT, rows_json(rows))}
-    known = [i for i in items if i.op.uri not in fresh]
-    current = {}
-    if known:
-        current = {r["uri"]: r for r in await conn.fetch(_LOCK, [i.op.uri for i in known])}
+    rows = [
+        (i.op.uri, i.op.did, i.op.rev, not i.delete, i.op.indexed_at, i.op.cid, i.op.json)
+        for i in items
+    ]
+    won = {r["uri"]: r["wasLive"] for r in await conn.fetch(_APPLY, rows_json(rows))}
     changes: list[Change] = []
-    newer: list[tuple[str, str, bool, str]] = []
     for item in items:
-        live = not item.delete
-        if item.op.uri in fresh:
-            if live:
-                changes.append(Change(item.op, "insert"))
-            continue
-        state = current[item.op.uri]
-        if item.op.rev <= state["rev"]:
-            continue
-        newer.append((item.op.uri, item.op.rev, live, item.op.indexed_at))
-        kind = _kind(was_live=state["live"], live=live)
-        if kind is not None:
+        was_live = won.get(item.op.uri)
+        if was_live is not None and (kind := _kind(was_live=was_live, live=not item.delete)):
             changes.append(Change(item.op, kind))
-    if newer:
-        await conn.execute(_UPDATE, *columns(newer, 4))
+    gone = [c.op.uri for c in changes if c.kind == "delete"]
+    if gone:
+        await conn.execute(_GONE, gone)
     return changes
 
 

@@ -2,9 +2,9 @@
 
 decode (no database) -> account events (identity, status, deletion fence, repo rev) -> fence
 (record events of a deleted account not newer than its deletion become deletes) -> collapse per
-record by rev -> rev guard -> record table -> plugins (deletes, then updates, then inserts) ->
-counter deltas. One transaction per batch; a batch that fails on data is split until the bad
-entries stand alone and go to the dead-letter stream.
+record by rev -> rev guard and record table (one statement) -> plugins (deletes, then updates,
+then inserts) -> counter deltas. One transaction per batch; a batch that fails on data is split
+until the bad entries stand alone and go to the dead-letter stream.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from indexer.guard import Change, apply_guard
 from indexer.locks import lock_changes
 from indexer.normalize import clean_json_text, clean_text, normalize_datetime, repair_json
 from indexer.plugin import Op, Plugin, outcome_of
-from indexer.records import ensure_actors, write_records
+from indexer.records import ensure_actors
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ class Pipeline:
             fenced = await fences(conn, sorted({i.op.did for i in items}))
             for item in items:
                 item.fenced = item.op.did in fenced and item.time <= fenced[item.op.did]
-            changes = await apply_guard(conn, _collapse(items))
-            await write_records(conn, changes)
+            changes = await apply_guard(conn, _collapse(items))  # and `record`
             await lock_changes(conn, self._plugins, changes)
             bulk = {id(i.op) for i in items if i.entry.stream in self._uncounted}
             for collection in sorted({c.op.collection for c in changes}):

@@ -81,11 +81,20 @@ def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)]
 
 
-def bulk_insert(table: str, cols: tuple[str, ...], types: tuple[str, ...], tail: str) -> str:
-    """`INSERT INTO table (cols) <json_rows> ORDER BY 1 <tail>`, keys in one order; its one
-    parameter is `rows_json(rows)`."""
+def bulk_insert(
+    table: str,
+    cols: tuple[str, ...],
+    types: tuple[str, ...],
+    tail: str,
+    *,
+    param: int = 1,
+    where: str = "",
+) -> str:
+    """`INSERT INTO table (cols) <json_rows> [WHERE ...] ORDER BY 1 <tail>`, keys in one order;
+    its parameter `$param` is `rows_json(rows)`; `where` may test a row's fields (`r->>0`)."""
     names = ", ".join(f'"{c}"' for c in cols)
-    return f'INSERT INTO "{table}" ({names}) {json_rows(types)} ORDER BY 1 {tail}'
+    condition = f" WHERE {where}" if where else ""
+    return f'INSERT INTO "{table}" ({names}) {json_rows(types, param)}{condition} ORDER BY 1 {tail}'
 
 
 def sort_at(created_at: str, indexed_at: str) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from indexer.constants import MAX_CID_CHARS, MAX_TEXT_CHARS
-from indexer.db import Connection, rows_json
+from indexer.db import rows_json
 from indexer.events import StrongRef
 from indexer.normalize import clean_optional, clean_text
 from indexer.plugin import bulk_insert
@@ -31,18 +31,31 @@ _TABLES: Final = {
     "post_embed_external": ("postUri", "uri", "title", "description", "thumbCid"),
     "post_embed_record": ("postUri", "embedUri", "embedCid"),
 }
-_INSERT: Final = {
-    table: bulk_insert(table, cols, ("varchar",) * len(cols), "ON CONFLICT DO NOTHING")
-    for table, cols in _TABLES.items()
-}
-# One statement for the four tables: data-modifying CTEs always run, referenced or not.
-_DELETE: Final = (
-    "WITH "
-    + ", ".join(
-        f'd{n} AS (DELETE FROM {table} WHERE "postUri" = ANY($1::varchar[]))'
-        for n, table in enumerate(_TABLES)
+TABLES: Final = tuple(_TABLES)
+
+
+def insert_ctes(first_param: int, where: str) -> str:
+    """`e0 AS (INSERT INTO post_embed_image ...), ...`: one CTE per table, in TABLES order, its
+    rows the parameter `$first_param + n`, each row kept where `where` holds."""
+    return ", ".join(
+        f"e{n} AS ("
+        + bulk_insert(
+            table,
+            cols,
+            ("varchar",) * len(cols),
+            "ON CONFLICT DO NOTHING",
+            param=first_param + n,
+            where=where,
+        )
+        + ")"
+        for n, (table, cols) in enumerate(_TABLES.items())
     )
-    + " SELECT 1"
+
+
+# The four tables' rows of some posts ($1): data-modifying CTEs always run, referenced or not.
+DELETE_CTES: Final = ", ".join(
+    f'd{n} AS (DELETE FROM {table} WHERE "postUri" = ANY($1::varchar[]))'
+    for n, table in enumerate(_TABLES)
 )
 
 
@@ -99,10 +112,9 @@ class EmbedRows:
             _blob(external.get("thumb")),
         ))  # fmt: skip
 
-    async def write(self, conn: Connection) -> None:
-        for table, rows in self.rows.items():
-            if rows:
-                await conn.execute(_INSERT[table], rows_json(rows))
+    def params(self) -> list[str]:
+        """The rows of each table (TABLES order), as `insert_ctes` takes them."""
+        return [rows_json(self.rows[table]) for table in TABLES]
 
 
 def at_uri_collection(uri: str) -> str | None:
@@ -133,9 +145,3 @@ def embedded_record(embed: object) -> StrongRef | None:
 
 def _blob(value: object) -> str | None:
     return blob_cid(value) if isinstance(value, dict) else None
-
-
-async def remove_embeds(conn: Connection, post_uris: list[str]) -> None:
-    """Delete every embed row of these posts."""
-    if post_uris:
-        await conn.execute(_DELETE, post_uris)

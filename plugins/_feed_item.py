@@ -8,7 +8,9 @@ from indexer.db import Connection, rows_json
 from indexer.plugin import bulk_insert
 
 COLUMNS = ("uri", "cid", "type", "postUri", "originatorDid", "sortAt")
-_INSERT = bulk_insert("feed_item", COLUMNS, ("varchar",) * 6, "ON CONFLICT (uri) DO NOTHING")
+TYPES = ("varchar",) * 6
+TAIL = "ON CONFLICT (uri) DO NOTHING"
+_INSERT = bulk_insert("feed_item", COLUMNS, TYPES, TAIL)
 _DELETE = "DELETE FROM feed_item WHERE uri = ANY($1::varchar[])"
 
 

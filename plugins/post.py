@@ -13,9 +13,10 @@ from indexer.db import Connection, rows_json
 from indexer.events import StrongRef
 from indexer.normalize import clean_text, normalize_datetime
 from indexer.plugin import Kind, Op, bulk_insert, sort_at
+from plugins import _embeds as embeds
 from plugins import _feed_item as feed_item
 from plugins import _post_flags as post_flags
-from plugins._embeds import EmbedRows, at_uri_collection, embedded_record, remove_embeds
+from plugins._embeds import at_uri_collection, embedded_record
 
 
 class ReplyRef(msgspec.Struct):
@@ -49,22 +50,36 @@ _POST_COLS = (
     "langs",
     "tags",
 )
-_INSERT_POST = bulk_insert(
-    "post",
-    _POST_COLS,
-    ("varchar",) * 10 + ("jsonb", "jsonb"),
-    "ON CONFLICT (uri) DO NOTHING RETURNING uri",
+_QUOTE_COLS = ("uri", "cid", "subject", "subjectCid", "createdAt", "indexedAt")
+_EMBEDS_PARAM = 3  # $3 to $6: the embed tables' rows
+_OF_NEW_POST = "r->>0 IN (SELECT uri FROM p)"  # a row of a post this statement inserted
+# A batch's posts and, for those actually inserted, their feed items, embeds and quotes, in
+# one round trip. Every row of $2 to $7 starts with its post's uri. The recheck of the flags
+# is not part of it: an UPDATE cannot see rows its own statement inserted.
+_INSERT = (
+    "WITH p AS ("
+    + bulk_insert("post", _POST_COLS, ("varchar",) * 10 + ("jsonb", "jsonb"),
+                  "ON CONFLICT (uri) DO NOTHING RETURNING uri")
+    + "), f AS ("
+    + bulk_insert("feed_item", feed_item.COLUMNS, feed_item.TYPES, feed_item.TAIL,
+                  param=2, where=_OF_NEW_POST)
+    + f"), {embeds.insert_ctes(_EMBEDS_PARAM, _OF_NEW_POST)}, q AS ("
+    + bulk_insert("quote", _QUOTE_COLS, ("varchar",) * 6,
+                  "ON CONFLICT (uri) DO NOTHING RETURNING subject",
+                  param=_EMBEDS_PARAM + len(embeds.TABLES), where=_OF_NEW_POST)
+    + ") SELECT uri, NULL AS quoted FROM p UNION ALL SELECT NULL, subject FROM q"
+)  # fmt: skip
+# The posts ($1) with their quotes, feed items and embeds, in one round trip: all are rows of
+# these uris, under the locks the batch already holds, so one snapshot sees them all.
+_DELETE = (
+    "WITH p AS (DELETE FROM post WHERE uri = ANY($1::varchar[]) "
+    'RETURNING uri, creator, "replyParent"), '
+    "q AS (DELETE FROM quote WHERE uri = ANY($1::varchar[]) RETURNING subject), "
+    "f AS (DELETE FROM feed_item WHERE uri = ANY($1::varchar[])), "
+    f"{embeds.DELETE_CTES} "
+    'SELECT uri, creator, "replyParent", NULL AS quoted FROM p '
+    "UNION ALL SELECT NULL, NULL, NULL, subject FROM q"
 )
-_INSERT_QUOTE = bulk_insert(
-    "quote",
-    ("uri", "cid", "subject", "subjectCid", "createdAt", "indexedAt"),
-    ("varchar",) * 6,
-    "ON CONFLICT (uri) DO NOTHING RETURNING subject",
-)
-_DELETE_POST = (
-    'DELETE FROM post WHERE uri = ANY($1::varchar[]) RETURNING uri, creator, "replyParent"'
-)
-_DELETE_QUOTE = "DELETE FROM quote WHERE uri = ANY($1::varchar[]) RETURNING subject"
 
 
 def quoted(embed: dict[str, Any] | None) -> StrongRef | None:
@@ -120,44 +135,38 @@ class PostPlugin:
 
     async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         by_uri = {op.uri: op for op in ops}
-        rows = {uri: _row(op) for uri, op in by_uri.items()}
-        inserted = await conn.fetch(_INSERT_POST, rows_json(list(rows.values())))
-        quotes, items = [], []
-        embeds = EmbedRows()
-        for rec in inserted:
-            row = rows[rec["uri"]]
-            uri, cid, creator, parent, created, indexed = (
-                row[0],
-                row[1],
-                row[2],
-                row[6],
-                row[8],
-                row[9],
-            )
-            deltas.profile(creator, "postsCount", 1)
-            if parent:
-                deltas.post(parent, "replyCount", 1)
+        rows = [_row(op) for op in by_uri.values()]
+        items, quotes = [], []
+        rich = embeds.EmbedRows()
+        for row in rows:
+            uri, cid, creator, created, indexed = row[0], row[1], row[2], row[8], row[9]
             items.append((uri, cid, "post", uri, creator, sort_at(created, indexed)))
             subject = quoted(by_uri[uri].record.embed)
             if subject is not None:
                 quotes.append((uri, cid, subject.uri, subject.cid, created, indexed))
-            embeds.add(uri, by_uri[uri].record.embed)
-        await feed_item.add(conn, items)
-        await embeds.write(conn)
-        await post_flags.posts_added(conn, [rec["uri"] for rec in inserted])
-        if quotes:
-            for q in await conn.fetch(_INSERT_QUOTE, rows_json(quotes)):
-                deltas.post(q["subject"], "quoteCount", 1)
+            rich.add(uri, by_uri[uri].record.embed)
+        params = [rows_json(rows), rows_json(items), *rich.params(), rows_json(quotes)]
+        inserted = []
+        by_row = {row[0]: row for row in rows}
+        for rec in await conn.fetch(_INSERT, *params):
+            if rec["uri"] is None:
+                deltas.post(rec["quoted"], "quoteCount", 1)
+                continue
+            row = by_row[rec["uri"]]
+            deltas.profile(row[2], "postsCount", 1)
+            if row[6]:  # replyParent
+                deltas.post(row[6], "replyCount", 1)
+            inserted.append(rec["uri"])
+        await post_flags.posts_added(conn, inserted)
 
     async def delete(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
-        uris = [op.uri for op in ops]
-        deleted = await conn.fetch(_DELETE_POST, uris)
-        for rec in deleted:
+        removed = []
+        for rec in await conn.fetch(_DELETE, [op.uri for op in ops]):
+            if rec["uri"] is None:
+                deltas.post(rec["quoted"], "quoteCount", -1)
+                continue
             deltas.profile(rec["creator"], "postsCount", -1)
             if rec["replyParent"]:
                 deltas.post(rec["replyParent"], "replyCount", -1)
-        for rec in await conn.fetch(_DELETE_QUOTE, uris):
-            deltas.post(rec["subject"], "quoteCount", -1)
-        await feed_item.remove(conn, uris)
-        await remove_embeds(conn, uris)
-        await post_flags.posts_removed(conn, [rec["uri"] for rec in deleted])
+            removed.append(rec["uri"])
+        await post_flags.posts_removed(conn, removed)

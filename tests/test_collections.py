@@ -329,6 +329,36 @@ async def test_post_embeds_written_and_deleted_with_the_post(settings, redis, db
     await assert_no_drift(db)
 
 
+async def test_a_post_already_in_the_table_adds_nothing_with_it(settings, redis, db):
+    """A `post` row the rev guard never saw (left by another indexer) is kept as it is: its
+    create adds no feed item, embed or quote, and moves no counter."""
+    p1, stale = uri(1, POST, "p1"), uri(2, POST, "stale")
+    await db.execute(
+        'INSERT INTO post (uri, cid, creator, text, "createdAt", "indexedAt") '
+        "VALUES ($1, 'bafyold', $2, 'old', $3, $3)",
+        stale, did(2), T,
+    )  # fmt: skip
+    quote = {"$type": "app.bsky.embed.record", "record": {"uri": p1, "cid": "bafyp1"}}
+    events = [
+        create(1, POST, "p1", post_record(), 10),
+        create(2, POST, "stale", post_with(quote), 11),
+        create(2, POST, "new", post_with(quote), 12),
+    ]
+    await push(redis, settings.live_stream, events)
+    await drain_replicas(settings, 1)
+    assert await rows(db, f"SELECT uri, text FROM post WHERE creator = '{did(2)}'") == [
+        (uri(2, POST, "new"), "embeds"),
+        (stale, "old"),
+    ]
+    assert await rows(db, "SELECT uri FROM quote") == [(uri(2, POST, "new"),)]
+    assert await rows(db, 'SELECT "postUri" FROM post_embed_record') == [(uri(2, POST, "new"),)]
+    assert await rows(db, "SELECT uri FROM feed_item ORDER BY uri") == [
+        (p1,), (uri(2, POST, "new"),)
+    ]  # fmt: skip
+    assert await db.fetchval('SELECT "quoteCount" FROM post_agg WHERE uri = $1', p1) == 1
+    assert await db.fetchval('SELECT "postsCount" FROM profile_agg WHERE did = $1', did(2)) == 1
+
+
 async def test_invalid_reply_root_in_any_order(settings, redis, db, postgres_server):
     p1, r1 = uri(1, POST, "p1"), uri(2, POST, "r1")
     events = [
