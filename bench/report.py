@@ -37,6 +37,7 @@ class PhaseResult:
     copy: CopyResult
     deadlocks: int
     lock_waits: float  # share of backend samples waiting for a lock
+    counter_lock_waits: float  # ... in the counter statement
 
     @property
     def rate(self) -> float:
@@ -84,7 +85,7 @@ PHASE_HEADER = (
     "Log warnings",
     "Counters exact",
     "Deadlocks",
-    "Lock-wait samples",
+    "Lock-wait samples (counters)",
 )
 
 
@@ -111,7 +112,7 @@ def _phase_rows(report: Report) -> list[list[str]]:
                 f"{p.warnings:,}",
                 "yes" if not errors else f"NO: {errors}",
                 f"{p.deadlocks:,}",
-                f"{p.lock_waits:.1%}",
+                f"{p.lock_waits:.1%} ({p.counter_lock_waits:.1%})",
             ]
         )
     return rows

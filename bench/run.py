@@ -16,7 +16,8 @@ Everything runs in one go on this machine, against throwaway Redis and PostgreSQ
    COPY-equivalent events/s is events / COPY seconds, and the ratio indexer / COPY is reported;
    PostgreSQL's deadlock count for the phase's database (pg_stat_database) is read before and
    after, and its active backends are sampled every 20 ms (pg_stat_activity): the share of
-   samples waiting for a lock (a row, a transaction) is reported;
+   samples waiting for a lock (a row, a transaction) is reported, and in brackets the share
+   waiting so in the counter statement (post_agg and profile_agg rows);
 3. a celebrity (indexer.workload's `celebrity`) takes --celebrity SHARE (default 0.5) of the
    likes, reposts and follows of an otherwise identical workload (same events, same seed), and
    phases 1 and 2 are repeated with it on empty tables; its events/s are compared with theirs
@@ -79,6 +80,7 @@ from indexer.workload import DEFAULT_START_TIME_US, write_jsonl
 
 SAMPLE_INTERVAL_S = 0.02  # pg_stat_activity while replicas run
 _CLIENTS = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
+COUNTER_STATEMENT = "INSERT INTO post_agg"  # indexer.aggregates: both tables in one statement
 EMPTY_DB = "bench_empty"
 GROWN_DB = "bench_grown"
 GROUP = "bench"
@@ -163,7 +165,7 @@ class Bench:
         if self.opts.celebrity:
             share = self.opts.celebrity
             await asyncio.to_thread(write_jsonl, self.celebrity_workload, n, seed, celebrity=share)
-        star = f", one with a celebrity ({self.opts.celebrity:.0%})" if self.opts.celebrity else ""
+        star = f"; seed {seed} with a celebrity too" if self.opts.celebrity else ""
         self.say(f"workloads of {n:,} events written (seeds {seed} and {seed + 1}{star})")
 
     async def overhead(self) -> float:
@@ -203,7 +205,7 @@ class Bench:
         self.say(f"{key}: {events:,} events ingested in {ingest_s:.1f} s; indexing")
         deadlocks = await self.deadlocks(db)
         cpu_before = self.server_cpu()
-        seconds, stats, lock_waits = await self.index(db, env, replicas, self.work / key)
+        seconds, stats, waits = await self.index(db, env, replicas, self.work / key)
         pg_cpu, redis_cpu = (a - b for a, b in zip(self.server_cpu(), cpu_before, strict=True))
         deadlocks = await self.deadlocks(db) - deadlocks
         dead = int(await self.redis.xlen(constants.dlq_stream(stream)))
@@ -217,14 +219,15 @@ class Bench:
             await self.drop(db)
         return PhaseResult(
             key, title, events, seconds, ingest_s, stats, dead, warnings, pg_cpu, redis_cpu,
-            found, copy, deadlocks, lock_waits,
+            found, copy, deadlocks, lock_wait_share(waits),
+            lock_wait_share(waits, COUNTER_STATEMENT),
         )  # fmt: skip
 
     async def index(
         self, db: str, env: dict[str, str], replicas: int, log_prefix: Path
-    ) -> tuple[float, list[ReplicaStats], float]:
+    ) -> tuple[float, list[ReplicaStats], Counter[tuple[str, str]]]:
         """Run the replicas to the end of the stream, sampling the database's backends; their
-        wall seconds, their stats and the share of backend samples waiting for a lock."""
+        wall seconds, their stats and the samples."""
         waits: Counter[tuple[str, str]] = Counter()
         done = asyncio.Event()
         sampler = asyncio.create_task(sample_waits(self.pg.dsn(db), waits, done, SAMPLE_INTERVAL_S))
@@ -235,7 +238,7 @@ class Bench:
         finally:
             done.set()
             await sampler
-        return seconds, stats, lock_wait_share(waits)
+        return seconds, stats, waits
 
     async def deadlocks(self, db: str) -> int:
         """Deadlocks PostgreSQL has detected in a database, once its clients have all gone (a

@@ -30,8 +30,11 @@ async def sample_waits(
         await conn.close()
 
 
-def lock_wait_share(counts: Counter[tuple[str, str]]) -> float:
-    """The share of backend samples waiting for a heavyweight lock (a row, a transaction)."""
+def lock_wait_share(counts: Counter[tuple[str, str]], statement: str = "") -> float:
+    """The share of backend samples waiting for a heavyweight lock (a row, a transaction), in
+    statements containing `statement` (all statements by default)."""
     total = sum(counts.values())
-    locked = sum(n for (wait, _), n in counts.items() if wait.startswith("Lock:"))
+    locked = sum(
+        n for (wait, query), n in counts.items() if wait.startswith("Lock:") and statement in query
+    )
     return locked / total if total else 0.0
