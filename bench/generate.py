@@ -1,6 +1,6 @@
 """Write a deterministic Jetstream workload as JSONL (zstd-compressed when OUT ends in .zst).
 
-    python bench/generate.py OUT.jsonl[.zst] --events N --seed S [--accounts A]
+    python bench/generate.py OUT.jsonl[.zst] --events N --seed S [--accounts A] [--celebrity X]
 
 The file feeds `indexer ingest file OUT` and the throughput benchmark.
 """
@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--accounts", type=_positive, default=None, help="accounts (default max(1000, N/20))"
     )
+    parser.add_argument(
+        "--celebrity",
+        type=float,
+        default=0.0,
+        help="share of likes, reposts and follows going to one post and its author (default 0)",
+    )
     return parser
 
 
@@ -45,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        count = write_jsonl(args.out, args.events, args.seed, accounts=args.accounts)
+        count = write_jsonl(
+            args.out, args.events, args.seed, accounts=args.accounts, celebrity=args.celebrity
+        )
     except (OSError, ValueError) as exc:
         print(f"generate.py: error: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from indexer import constants
 
+DEFAULT_CELEBRITY = 0.5
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -20,6 +21,7 @@ class Options:
     pool_size: int
     grow_rows: int
     seed: int
+    celebrity: float
     write: bool
     results: Path
 
@@ -28,6 +30,13 @@ def _count(text: str) -> int:
     value = int(text.replace("_", "").replace(",", ""))
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and < 1, got {value}")
     return value
 
 
@@ -45,6 +54,21 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--grow-rows", type=_count, default=2_000_000, help="rows in the grown tables (at least)"
     )
     parser.add_argument("--seed", type=int, default=1, help="workload seed (grown: seed + 1)")
+    parser.add_argument(
+        "--celebrity",
+        type=_share,
+        default=DEFAULT_CELEBRITY,
+        metavar="SHARE",
+        help="celebrity phases: this share of likes, reposts and follows to one post and its "
+        f"author (default {DEFAULT_CELEBRITY}; 0 skips them)",
+    )
+    parser.add_argument(
+        "--no-celebrity",
+        dest="celebrity",
+        action="store_const",
+        const=0.0,
+        help="skip the celebrity phases (--celebrity 0)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -55,6 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         pool_size=args.pool_size,
         grow_rows=args.grow_rows,
         seed=args.seed,
+        celebrity=args.celebrity,
         write=not args.no_write,
         results=args.results,
     )

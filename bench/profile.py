@@ -1,14 +1,16 @@
 """Where a replica's time goes: SQL statements by round-trip time, and the replica's Python.
 
     python -m bench.profile [--events N] [--batch-size B] [--concurrency C] [--grow COPIES]
-                            [--pyinstrument FILE]
+                            [--celebrity SHARE] [--pyinstrument FILE]
 
 One in-process replica (uvloop) drains a workload (indexer.workload) from a throwaway Redis into
 a throwaway migrated PostgreSQL, optionally after the tables were grown by COPIES suffixed
-copies of a first pass. Every statement's round trip is timed on the client (PostgreSQL's work,
-lock waits, the wire), grouped by statement; the rest of the wall time is the replica's own
-Python (decode, rows, asyncpg encoding) and Redis. A development tool: its figures are wall
-times on a shared machine, to compare statements with each other, not runs with runs.
+copies of a first pass, and optionally with a celebrity taking SHARE of the likes, reposts and
+follows of the measured workload. Every statement's round trip is timed on the client
+(PostgreSQL's work, lock waits, the wire), grouped by statement; the rest of the wall time is
+the replica's own Python (decode, rows, asyncpg encoding) and Redis. A development tool: its
+figures are wall times on a shared machine, to compare statements with each other, not runs with
+runs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncpg
 import uvloop
 
 from bench.tables import dump_tables, load_suffixed_copies
+from bench.waits import sample_waits
 from indexer.config import load_settings
 from indexer.devservers import throwaway_postgres, throwaway_redis
 from indexer.ingest_file import ingest_file
@@ -86,25 +89,6 @@ def _label(method: str, query: Any) -> str:
     return f"{method}: {text[:110]}"
 
 
-_ACTIVITY = (
-    "SELECT coalesce(wait_event_type || ':' || wait_event, 'running'), left(query, 60) "
-    "FROM pg_stat_activity WHERE state = 'active' AND backend_type = 'client backend' "
-    "AND pid <> pg_backend_pid()"
-)
-
-
-async def _sample_waits(dsn: str, counts: Counter[tuple[str, str]], done: asyncio.Event) -> None:
-    """What the server's backends are doing, every 10 ms: running, or waiting on what."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        while not done.is_set():
-            for wait, query in await conn.fetch(_ACTIVITY):
-                counts[(wait, re.sub(r"\s+", " ", query))] += 1
-            await asyncio.sleep(0.01)
-    finally:
-        await conn.close()
-
-
 def _waits_report(counts: Counter[tuple[str, str]]) -> str:
     total = sum(counts.values()) or 1
     by_wait: Counter[str] = Counter()
@@ -148,7 +132,7 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
             await load_suffixed_copies(dsn, dumps, args.grow)
         path = work / "workload.jsonl"
         later = DEFAULT_START_TIME_US + (86_400_000_000 if args.grow else 0)
-        write_jsonl(path, args.events, args.seed, start_time_us=later)
+        write_jsonl(path, args.events, args.seed, start_time_us=later, celebrity=args.celebrity)
         await ingest_file(_settings(redis_server.url, dsn, "profile_live"), str(path))
         clock = StatementClock()
         clock.install()
@@ -160,7 +144,7 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
             profiler.start()
         waits: Counter[tuple[str, str]] = Counter()
         done = asyncio.Event()
-        sampler = asyncio.create_task(_sample_waits(dsn, waits, done))
+        sampler = asyncio.create_task(sample_waits(dsn, waits, done, 0.01))
         wall = await _drain(redis_server.url, dsn, "profile_live", args)
         done.set()
         await sampler
@@ -184,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--grow", type=int, default=0, help="suffixed copies of a first pass")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--celebrity", type=float, default=0.0, help="share of likes and follows for one post"
+    )
     parser.add_argument(
         "--pyinstrument", help="write a pyinstrument text report here (pip install pyinstrument)"
     )

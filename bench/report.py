@@ -35,6 +35,9 @@ class PhaseResult:
     redis_cpu_s: float
     found: Inspection
     copy: CopyResult
+    deadlocks: int
+    lock_waits: float  # share of backend samples waiting for a lock
+    counter_lock_waits: float  # ... in the counter statement
 
     @property
     def rate(self) -> float:
@@ -81,6 +84,8 @@ PHASE_HEADER = (
     "Dead-lettered",
     "Log warnings",
     "Counters exact",
+    "Deadlocks",
+    "Lock-wait samples (counters)",
 )
 
 
@@ -106,6 +111,8 @@ def _phase_rows(report: Report) -> list[list[str]]:
                 f"{p.dead_lettered:,}",
                 f"{p.warnings:,}",
                 "yes" if not errors else f"NO: {errors}",
+                f"{p.deadlocks:,}",
+                f"{p.lock_waits:.1%} ({p.counter_lock_waits:.1%})",
             ]
         )
     return rows
@@ -113,7 +120,7 @@ def _phase_rows(report: Report) -> list[list[str]]:
 
 def _row_counts(report: Report) -> tuple[list[str], list[list[str]]]:
     phases = list(report.phases.values())
-    header = ["Table", *(p.key for p in phases if p.key.startswith("p"))]
+    header = ["Table", *(p.key for p in phases if not p.key.startswith("g"))]
     if report.grown is not None:
         header.append("grown base")
     header += [p.key for p in phases if p.key.startswith("g")]
@@ -145,6 +152,10 @@ def _identical(a: PhaseResult | None, b: PhaseResult | None) -> str:
     return "yes" if not differ else "no, differ in " + ", ".join(differ)
 
 
+def _actors(p: PhaseResult | None) -> str:
+    return "n/a" if p is None else f"{p.found.rows['actor']:,}"
+
+
 def _notes(report: Report) -> list[str]:
     ph = report.phases.get
     p1 = ph("p1")
@@ -153,10 +164,18 @@ def _notes(report: Report) -> list[str]:
         f"grown ÷ empty: 1 replica {_ratio(ph('g1'), p1)}, 2 replicas "
         f"{_ratio(ph('g2'), ph('p2'))}, COPY {_ratio(ph('g1'), p1, copy=True)}",
         f"rows identical after 1 and 2 replicas: empty {_identical(p1, ph('p2'))}; "
-        f"grown {_identical(ph('g1'), ph('g2'))}",
+        f"grown {_identical(ph('g1'), ph('g2'))}"
+        + (f"; celebrity {_identical(ph('c1'), ph('c2'))}" if ph("c1") else ""),
         f"fixed cost of one `indexer run --drain` on an empty stream (start-up, connect, "
         f"drain check, exit): {report.overhead_s:.2f} s, included in every wall time",
     ]
+    if ph("c1") is not None:
+        notes.append(
+            f"celebrity {report.opts.celebrity:.0%} ÷ the same workload without: 1 replica "
+            f"{_ratio(ph('c1'), p1)}, 2 replicas {_ratio(ph('c2'), ph('p2'))}; COPY "
+            f"{_ratio(ph('c1'), p1, copy=True)} (its likes, reposts and follows come from fan "
+            f"accounts: {_actors(ph('c1'))} actors instead of {_actors(p1)})"
+        )
     if p1 is not None:
         notes.append(
             f"`indexer ingest file`: {p1.events / p1.ingest_seconds:,.0f} events/s "
@@ -211,7 +230,9 @@ def markdown(report: Report) -> str:
         f"- machine: {m['nproc']} x {m['cpu']}, {m['ram']} RAM, kernel {m['kernel']}",
         f"- PostgreSQL {m['postgres']} ({m['postgres settings']}; throwaway test settings), "
         f"Redis {m['redis']}, Python {m['python']} with uvloop",
-        f"- events {o.events:,} (seed {o.seed}; grown phases seed {o.seed + 1}), batch size "
+        f"- events {o.events:,} (seed {o.seed}; grown phases seed {o.seed + 1}; "
+        f"{f'celebrity share {o.celebrity:.0%}' if o.celebrity else 'no celebrity phases'}), "
+        "batch size "
         f"{o.batch_size}, concurrency {o.concurrency}, pool size {o.pool_size}, "
         f"grow rows {o.grow_rows:,}",
         f"- code: {m.get('code', '?')}",

@@ -1,7 +1,8 @@
 """Throughput benchmark: end-to-end events/s beside the raw COPY rate of the same rows.
 
     python -m bench.run [--events N] [--batch-size B] [--concurrency C] [--pool-size P]
-                        [--grow-rows R] [--seed S] [--no-write]
+                        [--grow-rows R] [--seed S] [--celebrity SHARE | --no-celebrity]
+                        [--no-write]
 
 Everything runs in one go on this machine, against throwaway Redis and PostgreSQL servers
 (indexer.devservers, loopback only, logs in files):
@@ -13,9 +14,18 @@ Everything runs in one go on this machine, against throwaway Redis and PostgreSQ
 2. after each phase the rows it wrote are dumped with COPY and loaded with COPY (one connection,
    one transaction, same indexes) into a fresh copy of the database it started from: the
    COPY-equivalent events/s is events / COPY seconds, and the ratio indexer / COPY is reported;
-3. the tables are grown past --grow-rows rows (copies of the first phase's rows, every DID
+   PostgreSQL's deadlock count for the phase's database (pg_stat_database) is read before and
+   after, and its active backends are sampled every 20 ms (pg_stat_activity): the share of
+   samples waiting for a lock (a row, a transaction) is reported, and in brackets the share
+   waiting so in the counter statement (post_agg and profile_agg rows);
+3. a celebrity (indexer.workload's `celebrity`) takes --celebrity SHARE (default 0.5) of the
+   likes, reposts and follows of an otherwise identical workload (same events, same seed), and
+   phases 1 and 2 are repeated with it on empty tables; its events/s are compared with theirs
+   (skipped with --no-celebrity);
+4. the tables are grown past --grow-rows rows (copies of the first phase's rows, every DID
    suffixed per copy so keys interleave with later ones, loaded with COPY, then VACUUM ANALYZE),
-   and phases 1 and 2 are repeated there with a fresh workload (another seed, later timestamps).
+   and phases 1 and 2 are repeated there with a fresh workload (another seed, later timestamps,
+   no celebrity).
 
 Results are printed and appended to bench/RESULTS.md (unless --no-write).
 """
@@ -29,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +51,7 @@ from rich.console import Console
 
 from bench.options import Options, parse_args
 from bench.procs import (
+    ReplicaStats,
     code_version,
     cpu_model,
     find_server_pid,
@@ -59,18 +71,16 @@ from bench.tables import (
     load_suffixed_copies,
     quote_ident,
 )
+from bench.waits import lock_wait_share, sample_waits
 from indexer import constants
 from indexer.config import ENVIRONMENT_VARIABLES
 from indexer.devservers import PostgresServer, RedisServer, throwaway_postgres, throwaway_redis
 from indexer.migrate import migrate
 from indexer.workload import DEFAULT_START_TIME_US, write_jsonl
 
-PHASES = (
-    ("p1", "empty tables, 1 replica", 1),
-    ("p2", "empty tables, 2 replicas", 2),
-    ("g1", "grown tables, 1 replica", 1),
-    ("g2", "grown tables, 2 replicas", 2),
-)
+SAMPLE_INTERVAL_S = 0.02  # pg_stat_activity while replicas run
+_CLIENTS = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
+COUNTER_STATEMENT = "INSERT INTO post_agg"  # indexer.aggregates: both tables in one statement
 EMPTY_DB = "bench_empty"
 GROWN_DB = "bench_grown"
 GROUP = "bench"
@@ -100,6 +110,7 @@ class Bench:
         self.redis_pid = find_server_pid("redis-server", redis_server.port)
         self.workload = work / "workload.jsonl"
         self.grown_workload = work / "workload-grown.jsonl"
+        self.celebrity_workload = work / "workload-celebrity.jsonl"
         self._strategy = ""
         self._t0 = time.perf_counter()
 
@@ -142,7 +153,7 @@ class Bench:
         return env
 
     async def prepare(self) -> None:
-        """The migrated empty database (the template of every phase) and both workloads."""
+        """The migrated empty database (the template of every phase) and the workloads."""
         if int(await self.admin("SHOW server_version_num")) >= 150000:
             self._strategy = " STRATEGY FILE_COPY"  # a file copy: no WAL for every block
         await self.admin(f"CREATE DATABASE {quote_ident(EMPTY_DB)}")
@@ -151,7 +162,11 @@ class Bench:
         later = DEFAULT_START_TIME_US + GROWN_TIME_OFFSET_US
         await asyncio.to_thread(write_jsonl, self.workload, n, seed)
         await asyncio.to_thread(write_jsonl, self.grown_workload, n, seed + 1, start_time_us=later)
-        self.say(f"workloads of {n:,} events written (seeds {seed} and {seed + 1})")
+        if self.opts.celebrity:
+            share = self.opts.celebrity
+            await asyncio.to_thread(write_jsonl, self.celebrity_workload, n, seed, celebrity=share)
+        star = f"; seed {seed} with a celebrity too" if self.opts.celebrity else ""
+        self.say(f"workloads of {n:,} events written (seeds {seed} and {seed + 1}{star})")
 
     async def overhead(self) -> float:
         """Wall seconds of one `indexer run --drain` over an empty stream (start-up, exit)."""
@@ -165,10 +180,21 @@ class Bench:
         await self.redis.delete("bench_overhead_live")
         return seconds
 
+    def phases(self) -> list[tuple[str, str, int]]:
+        """(key, title, replicas) of every phase, in the order they run."""
+        empty = [("p1", "empty tables, 1 replica", 1), ("p2", "empty tables, 2 replicas", 2)]
+        if self.opts.celebrity:
+            star = f"empty tables, celebrity {self.opts.celebrity:.0%}"
+            empty += [("c1", f"{star}, 1 replica", 1), ("c2", f"{star}, 2 replicas", 2)]
+        grown = [("g1", "grown tables, 1 replica", 1), ("g2", "grown tables, 2 replicas", 2)]
+        return empty + grown
+
     async def phase(self, key: str, title: str, replicas: int) -> PhaseResult:
         """Ingest a workload into a fresh stream, index it with replicas, inspect, COPY it."""
         grown = key.startswith("g")
         template, workload = (GROWN_DB, self.grown_workload) if grown else (EMPTY_DB, self.workload)
+        if key.startswith("c"):
+            workload = self.celebrity_workload
         db, stream = f"bench_{key}", f"bench_{key}_live"
         await self.clone(db, template)
         env = self.env(db, stream)
@@ -177,11 +203,11 @@ class Bench:
         )
         events = int(await self.redis.xlen(stream))
         self.say(f"{key}: {events:,} events ingested in {ingest_s:.1f} s; indexing")
+        deadlocks = await self.deadlocks(db)
         cpu_before = self.server_cpu()
-        seconds, stats = await asyncio.to_thread(
-            run_replicas, self.indexer, env, replicas, self.work / key
-        )
+        seconds, stats, waits = await self.index(db, env, replicas, self.work / key)
         pg_cpu, redis_cpu = (a - b for a, b in zip(self.server_cpu(), cpu_before, strict=True))
+        deadlocks = await self.deadlocks(db) - deadlocks
         dead = int(await self.redis.xlen(constants.dlq_stream(stream)))
         warnings = sum(log_warnings(Path(f"{self.work / key}-{r.name}.log")) for r in stats)
         await self.redis.delete(stream, constants.dlq_stream(stream))
@@ -193,8 +219,42 @@ class Bench:
             await self.drop(db)
         return PhaseResult(
             key, title, events, seconds, ingest_s, stats, dead, warnings, pg_cpu, redis_cpu,
-            found, copy,
+            found, copy, deadlocks, lock_wait_share(waits),
+            lock_wait_share(waits, COUNTER_STATEMENT),
         )  # fmt: skip
+
+    async def index(
+        self, db: str, env: dict[str, str], replicas: int, log_prefix: Path
+    ) -> tuple[float, list[ReplicaStats], Counter[tuple[str, str]]]:
+        """Run the replicas to the end of the stream, sampling the database's backends; their
+        wall seconds, their stats and the samples."""
+        waits: Counter[tuple[str, str]] = Counter()
+        done = asyncio.Event()
+        sampler = asyncio.create_task(sample_waits(self.pg.dsn(db), waits, done, SAMPLE_INTERVAL_S))
+        try:
+            seconds, stats = await asyncio.to_thread(
+                run_replicas, self.indexer, env, replicas, log_prefix
+            )
+        finally:
+            done.set()
+            await sampler
+        return seconds, stats, waits
+
+    async def deadlocks(self, db: str) -> int:
+        """Deadlocks PostgreSQL has detected in a database, once its clients have all gone (a
+        backend reports its statistics at the latest when it exits)."""
+        conn = await asyncpg.connect(self.pg.dsn("postgres"))
+        try:
+            for _ in range(200):  # 10 s at most
+                if not await conn.fetchval(_CLIENTS, db):
+                    break
+                await asyncio.sleep(0.05)
+            found = await conn.fetchval(
+                "SELECT deadlocks FROM pg_stat_database WHERE datname = $1", db
+            )
+        finally:
+            await conn.close()
+        return int(found or 0)
 
     def server_cpu(self) -> tuple[float, float]:
         """CPU seconds used so far by PostgreSQL (all its processes) and by Redis."""
@@ -246,7 +306,7 @@ class Bench:
         report = Report(self.opts, await self.machine(), datetime.now(UTC))
         report.overhead_s = await self.overhead()
         self.say(f"fixed cost of one drain run: {report.overhead_s:.2f} s")
-        for key, title, replicas in PHASES:
+        for key, title, replicas in self.phases():
             if key == "g1":
                 report.grown = await self.grow("bench_p1")
                 await self.drop("bench_p1")

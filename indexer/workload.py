@@ -4,11 +4,23 @@ Used by the benchmark (``bench/``) and by tests. The stream follows the live net
 (see DESIGN "Performance"): likes 61%, follows 16%, posts 15%, reposts 7%, blocks and profiles
 the rest; 91% creates, 8% deletes, 1% updates (profile updates); about 0.5% ``identity`` and
 ``account`` events. Like, repost, reply and quote subjects and follow/block targets are drawn
-Zipf-like (exponent 1.1), so a few posts and accounts are very hot.
+Zipf-like (exponent 1.1), so a few posts and accounts are very hot: the hottest post, the
+stream's first one until 50,000 posts later, gets about 8% of the likes.
+
+With ``celebrity=x`` (0 <= x < 1) one post and its author take far more: a share x of the likes
+and reposts are of the stream's first post, and a share x of the follows are of its author, on
+top of what the usual draw gives them. On the network a celebrity's likes come from a crowd far
+larger than the accounts active in a short stream, so these come from fan accounts (indexes from
+``accounts`` up, ``did_for`` as the others), the n-th celebrity like from the n-th fan, and
+likewise for reposts and follows: every fan likes, reposts and follows the celebrity once (bar
+the deliberate duplicate likes), whatever the stream's length, and the share is met however few
+the accounts. Fans do nothing else. The celebrity post is never deleted; its likes, reposts and
+follows are, like any others.
 
 Guarantees of the generated stream (all with bounded memory, for any number of events):
 
-- the same ``(n, seed, accounts, start_time_us)`` gives byte-identical output;
+- the same ``(n, seed, accounts, start_time_us, celebrity)`` gives byte-identical output, and
+  ``celebrity=0`` the same bytes as before the option existed;
 - ``time_us`` strictly increases (about 1000 events per second of simulated time), and so does
   every repo's ``rev`` (a TID of the event time with a per-account clock id);
 - a create's ``rkey`` is a fresh TID (profiles use ``self``); no live record is created twice;
@@ -20,7 +32,7 @@ Guarantees of the generated stream (all with bounded memory, for any number of e
   (``{"uri", "cid"}``); a reply's root is its parent's root when the parent is itself a reply;
 - about 1% of likes deliberately duplicate an earlier like (same creator and subject, new rkey);
   otherwise (creator, subject) pairs of likes, reposts, follows and blocks are kept unique as far
-  as a bounded memory of recent pairs allows.
+  as a bounded memory of recent pairs allows (and always for the celebrity's fans).
 
 A deleted post may still receive likes or replies later, as on the real network.
 """
@@ -192,7 +204,9 @@ Event = dict[str, Any]
 class _Generator:
     """The stream's state. Every container is bounded (see the module docstring)."""
 
-    def __init__(self, seed: int, accounts: int, start_time_us: int) -> None:
+    def __init__(
+        self, seed: int, accounts: int, start_time_us: int, celebrity: float = 0.0
+    ) -> None:
         self.rng = random.Random(seed)
         self.words = _words()
         self.accounts = accounts
@@ -217,6 +231,10 @@ class _Generator:
         self.seen_old: set[int] = set()
         self.has_profile = bytearray(accounts)
         self.iso_cache: dict[int, str] = {}
+        self.celebrity = celebrity
+        self.celebrity_post: StrongRef | None = None  # the first post, once there is one
+        self.celebrity_account = 0  # its author
+        self.fans = dict.fromkeys((LIKE, REPOST, FOLLOW), 0)  # celebrity likes, ... so far
 
     # -- small helpers -------------------------------------------------------------------------
 
@@ -262,6 +280,10 @@ class _Generator:
         else:
             self.created[self._index(CREATED_POOL)] = entry
 
+    def _did(self, account: int) -> str:
+        # Fans are not kept in a list: there may be millions, each seen a few times.
+        return self.dids[account] if account < self.accounts else did_for(account)
+
     def _emit(
         self,
         account: int,
@@ -271,7 +293,7 @@ class _Generator:
         record: Record | None,
         cid: str | None = None,
     ) -> Event:
-        did = self.dids[account]
+        did = self._did(account)
         commit: dict[str, Any] = {
             "rev": tid(self.t, account),
             "operation": operation,
@@ -284,6 +306,22 @@ class _Generator:
         return {"did": did, "time_us": self.t, "kind": "commit", "commit": commit}
 
     # -- subjects ------------------------------------------------------------------------------
+
+    def _fan(self, collection: str) -> int | None:
+        """The fan who likes, reposts or follows the celebrity now, or None: the usual draw."""
+        if self.celebrity_post is None or self.rng.random() >= self.celebrity:
+            return None
+        fan = self.accounts + self.fans[collection]
+        self.fans[collection] += 1
+        return fan
+
+    def _liker(self, collection: str) -> tuple[int, StrongRef]:
+        """Who likes or reposts which post: a fan the celebrity post, else the usual draw."""
+        fan = self._fan(collection)
+        if fan is not None and self.celebrity_post is not None:
+            return fan, self.celebrity_post
+        creator = self._index(self.accounts)
+        return creator, self._post_subject(_PAIR_CODES[collection], creator)
 
     def _hot_post(self) -> tuple[StrongRef, StrongRef]:
         return self.posts[self._zipf(len(self.posts))]
@@ -316,8 +354,7 @@ class _Generator:
         if self.recent_likes and rng.random() < DUPLICATE_LIKE_SHARE:
             creator, subject = self.recent_likes[self._index(len(self.recent_likes))]
         else:
-            creator = self._index(self.accounts)
-            subject = self._post_subject(_PAIR_CODES[LIKE], creator)
+            creator, subject = self._liker(LIKE)
             entry = (creator, subject)
             if len(self.recent_likes) < RECENT_LIKES:
                 self.recent_likes.append(entry)
@@ -328,14 +365,17 @@ class _Generator:
         return self._create(creator, LIKE, record)
 
     def _repost(self) -> Event:
-        creator = self._index(self.accounts)
-        subject = self._post_subject(_PAIR_CODES[REPOST], creator)
+        creator, subject = self._liker(REPOST)
         record = {"$type": REPOST, "subject": subject, "createdAt": self._created_at()}
         return self._create(creator, REPOST, record)
 
     def _graph(self, collection: str) -> Event:
-        creator = self._index(self.accounts)
-        subject = self._account_subject(_PAIR_CODES[collection], creator)
+        fan = self._fan(collection) if collection == FOLLOW else None
+        if fan is not None:
+            creator, subject = fan, self.celebrity_account
+        else:
+            creator = self._index(self.accounts)
+            subject = self._account_subject(_PAIR_CODES[collection], creator)
         record = {
             "$type": collection,
             "subject": self.dids[subject],
@@ -416,7 +456,11 @@ class _Generator:
             quoted = self._hot_post()[0]
             record["embed"] = {"$type": "app.bsky.embed.record", "record": quoted}
         self._add_post(ref, root)
-        self._add_created(creator, POST, rkey)
+        if self.celebrity and self.celebrity_post is None:
+            # kept out of the pool of deletable creates: the celebrity post stays
+            self.celebrity_post, self.celebrity_account = ref, creator
+        else:
+            self._add_created(creator, POST, rkey)
         return self._emit(creator, POST, "create", rkey, record, cid)
 
     def _add_post(self, ref: StrongRef, root: StrongRef) -> None:
@@ -516,18 +560,23 @@ def generate(
     *,
     accounts: int | None = None,
     start_time_us: int = DEFAULT_START_TIME_US,
+    celebrity: float = 0.0,
 ) -> Iterator[bytes]:
     """Iterate over ``n`` Jetstream events, each one JSON object as bytes (no newline).
 
-    ``accounts`` defaults to ``max(1000, n // 20)``. Deterministic in all arguments; bad
-    arguments raise ``ValueError`` at the call, before any event is produced.
+    ``accounts`` defaults to ``max(1000, n // 20)``; ``celebrity`` is the share of likes,
+    reposts and follows that go to one post and its author (see the module docstring).
+    Deterministic in all arguments; bad arguments raise ``ValueError`` at the call, before any
+    event is produced.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     count = max(1000, n // 20) if accounts is None else accounts
     if count < 2:
         raise ValueError(f"accounts must be >= 2, got {count}")
-    return _events(_Generator(seed, count, start_time_us), n)
+    if not 0.0 <= celebrity < 1.0:  # NaN fails too
+        raise ValueError(f"celebrity must be >= 0 and < 1, got {celebrity}")
+    return _events(_Generator(seed, count, start_time_us, celebrity), n)
 
 
 def _events(gen: _Generator, n: int) -> Iterator[bytes]:
@@ -559,13 +608,14 @@ def write_jsonl(
     *,
     accounts: int | None = None,
     start_time_us: int = DEFAULT_START_TIME_US,
+    celebrity: float = 0.0,
 ) -> int:
     """Write ``generate(...)`` as newline-delimited JSON (zstd when path ends in ``.zst``).
 
     Returns the number of events written.
     """
     target = Path(path)
-    events = generate(n, seed, accounts=accounts, start_time_us=start_time_us)
+    events = generate(n, seed, accounts=accounts, start_time_us=start_time_us, celebrity=celebrity)
     with target.open("wb") as raw:
         if target.suffix != ".zst":
             return _write_lines(raw, events)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 from collections import Counter
 from itertools import pairwise
@@ -94,6 +96,13 @@ def test_same_seed_gives_identical_bytes() -> None:
     assert len(first) == 3000
     assert first == list(generate(3000, seed=5))
     assert all(isinstance(raw, bytes) and b"\n" not in raw for raw in first)
+
+
+def test_the_stream_without_a_celebrity_is_pinned() -> None:
+    """Benchmark runs compare across commits: the default stream's bytes must not drift."""
+    digest = hashlib.sha256(b"\n".join(generate(5000, seed=1))).hexdigest()
+    assert digest == "9b7a3d83d828ee318f835d8630067117ad4f470b440b89432a4d4fb61fb13baa"
+    assert list(generate(3000, seed=5, celebrity=0.0)) == list(generate(3000, seed=5))
 
 
 def test_different_seeds_differ() -> None:
@@ -304,6 +313,106 @@ def test_follows_are_never_self_follows(events: list[Event]) -> None:
     assert all(
         c["record"]["subject"] != c["did"] for c in graph if c["collection"] in {FOLLOW, BLOCK}
     )
+
+
+# -- celebrity ---------------------------------------------------------------------------------
+
+CELEBRITY_N = 20_000
+CELEBRITY = 0.4
+
+
+@pytest.fixture(scope="module")
+def celebrity_events() -> list[Event]:
+    return [json.loads(raw) for raw in generate(CELEBRITY_N, seed=SEED, celebrity=CELEBRITY)]
+
+
+def test_a_celebrity_takes_its_share_of_likes_reposts_and_follows(
+    celebrity_events: list[Event],
+) -> None:
+    creates = [c for c in commits(celebrity_events) if c["operation"] == "create"]
+    first = next(c for c in creates if c["collection"] == POST)
+    star_post, star = f"at://{first['did']}/{POST}/{first['rkey']}", first["did"]
+    fans = {did_for(i) for i in range(1000, 1000 + CELEBRITY_N)}  # accounts default to 1000
+    for collection, subject_of, celebrity in (
+        (LIKE, lambda r: r["subject"]["uri"], star_post),
+        (REPOST, lambda r: r["subject"]["uri"], star_post),
+        (FOLLOW, lambda r: r["subject"], star),
+    ):
+        made = [c for c in creates if c["collection"] == collection]
+        to_star = [c for c in made if subject_of(c["record"]) == celebrity]
+        by_fans = [c for c in to_star if c["did"] in fans]
+        assert abs(len(by_fans) / len(made) - CELEBRITY) <= 0.03, (collection, len(made))
+        # the usual draw may add some (the first post is the hottest of the Zipf pool too)
+        assert CELEBRITY - 0.03 <= len(to_star) / len(made) <= CELEBRITY + 0.1, collection
+        assert all(subject_of(c["record"]) == celebrity for c in made if c["did"] in fans)
+    # the fans are new accounts, and the n-th celebrity like comes from the n-th fan
+    fan_likes = [c["did"] for c in creates if c["collection"] == LIKE and c["did"] in fans]
+    distinct = list(dict.fromkeys(fan_likes))
+    assert distinct == [did_for(1000 + n) for n in range(len(distinct))]
+
+
+def test_fans_like_and_follow_the_celebrity_once(celebrity_events: list[Event]) -> None:
+    ops = check_lifecycle(celebrity_events)
+    check_post_refs(celebrity_events)
+    pairs: Counter[tuple[str, str, str]] = Counter()
+    for c in commits(celebrity_events):
+        if c["operation"] == "create" and c["collection"] in {LIKE, REPOST, FOLLOW}:
+            subject = c["record"]["subject"]
+            pairs[
+                (c["collection"], c["did"], subject if c["collection"] == FOLLOW else "post")
+            ] += 1
+            assert c["record"]["subject"] != c["did"]
+    fans = {did_for(i) for i in range(1000, 1000 + CELEBRITY_N)}
+    fan_pairs = {k: v for k, v in pairs.items() if k[1] in fans}
+    repeated = {k: v for k, v in fan_pairs.items() if v > 1}
+    # fans do nothing but like, repost and follow the one celebrity: a pair twice is one of
+    # the ~1% deliberate duplicate likes
+    assert set(repeated) <= {k for k in fan_pairs if k[0] == LIKE}
+    fan_likes = sum(v for k, v in fan_pairs.items() if k[0] == LIKE)
+    assert sum(v - 1 for v in repeated.values()) <= 0.015 * fan_likes
+    assert all(c["did"] not in fans for c in commits(celebrity_events)
+               if c["collection"] not in {LIKE, REPOST, FOLLOW})  # fmt: skip
+    assert ops["delete"] > 0.06 * sum(ops.values())
+
+
+def test_celebrity_likes_and_follows_are_deleted_but_not_the_post(
+    celebrity_events: list[Event],
+) -> None:
+    cs = commits(celebrity_events)
+    first = next(c for c in cs if c["collection"] == POST)
+    fans = {did_for(i) for i in range(1000, 1000 + CELEBRITY_N)}
+    deleted = Counter(
+        c["collection"] for c in cs if c["operation"] == "delete" and c["did"] in fans
+    )
+    assert deleted[LIKE] > 50
+    assert deleted[FOLLOW] > 10
+    assert not any(
+        c["operation"] == "delete" and (c["did"], c["rkey"]) == (first["did"], first["rkey"])
+        for c in cs
+    )
+
+
+def test_a_celebrity_stream_is_deterministic() -> None:
+    first = list(generate(3000, seed=5, celebrity=0.3))
+    assert first == list(generate(3000, seed=5, celebrity=0.3))
+    assert first != list(generate(3000, seed=5, celebrity=0.31))
+    assert first != list(generate(3000, seed=5))
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0, 1.5, math.nan])
+def test_a_bad_celebrity_share_raises_at_the_call(tmp_path: Path, share: float) -> None:
+    with pytest.raises(ValueError, match="celebrity must be >= 0 and < 1"):
+        generate(10, celebrity=share)
+    path = tmp_path / "bad.jsonl"
+    with pytest.raises(ValueError, match="celebrity"):
+        write_jsonl(path, 10, celebrity=share)
+    assert not path.exists()
+
+
+def test_write_jsonl_passes_the_celebrity_on(tmp_path: Path) -> None:
+    path = tmp_path / "celebrity.jsonl"
+    assert write_jsonl(path, 2000, seed=4, celebrity=0.5) == 2000
+    assert path.read_bytes().split(b"\n")[:-1] == list(generate(2000, seed=4, celebrity=0.5))
 
 
 # -- files -------------------------------------------------------------------------------------

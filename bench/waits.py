@@ -1,0 +1,40 @@
+"""What PostgreSQL's backends do while replicas run: pg_stat_activity, sampled."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+
+import asyncpg
+
+_ACTIVITY = (
+    "SELECT coalesce(wait_event_type || ':' || wait_event, 'running'), left(query, 60) "
+    "FROM pg_stat_activity WHERE state = 'active' AND backend_type = 'client backend' "
+    "AND datname = current_database() AND pid <> pg_backend_pid()"
+)
+
+
+async def sample_waits(
+    dsn: str, counts: Counter[tuple[str, str]], done: asyncio.Event, interval_s: float
+) -> None:
+    """Count (state, statement) of the database's active backends every interval until done:
+    running, or waiting on what (`Lock:tuple`, `LWLock:WALWrite`, `Client:ClientRead`...)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        while not done.is_set():
+            for wait, query in await conn.fetch(_ACTIVITY):
+                counts[(wait, re.sub(r"\s+", " ", query))] += 1
+            await asyncio.sleep(interval_s)
+    finally:
+        await conn.close()
+
+
+def lock_wait_share(counts: Counter[tuple[str, str]], statement: str = "") -> float:
+    """The share of backend samples waiting for a heavyweight lock (a row, a transaction), in
+    statements containing `statement` (all statements by default)."""
+    total = sum(counts.values())
+    locked = sum(
+        n for (wait, query), n in counts.items() if wait.startswith("Lock:") and statement in query
+    )
+    return locked / total if total else 0.0
