@@ -1,7 +1,7 @@
 """Where a replica's time goes: SQL statements by round-trip time, and the replica's Python.
 
     python -m bench.profile [--events N] [--batch-size B] [--concurrency C] [--grow COPIES]
-                            [--celebrity SHARE] [--pyinstrument FILE]
+                            [--celebrity SHARE [--scatter]] [--pyinstrument FILE]
 
 One in-process replica (uvloop) drains a workload (indexer.workload) from a throwaway Redis into
 a throwaway migrated PostgreSQL, optionally after the tables were grown by COPIES suffixed
@@ -132,7 +132,10 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
             await load_suffixed_copies(dsn, dumps, args.grow)
         path = work / "workload.jsonl"
         later = DEFAULT_START_TIME_US + (86_400_000_000 if args.grow else 0)
-        write_jsonl(path, args.events, args.seed, start_time_us=later, celebrity=args.celebrity)
+        write_jsonl(
+            path, args.events, args.seed, start_time_us=later, celebrity=args.celebrity,
+            scatter=args.scatter,
+        )  # fmt: skip
         await ingest_file(_settings(redis_server.url, dsn, "profile_live"), str(path))
         clock = StatementClock()
         clock.install()
@@ -170,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--celebrity", type=float, default=0.0, help="share of likes and follows for one post"
+    )
+    parser.add_argument(
+        "--scatter",
+        action="store_true",
+        help="the celebrity's control: its fans like and follow what everyone else does",
     )
     parser.add_argument(
         "--pyinstrument", help="write a pyinstrument text report here (pip install pyinstrument)"

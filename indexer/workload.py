@@ -17,6 +17,10 @@ the deliberate duplicate likes), whatever the stream's length, and the share is 
 the accounts. Fans do nothing else. The celebrity post is never deleted; its likes, reposts and
 follows are, like any others.
 
+With ``scatter=True`` as well (the celebrity's control), the fans act as before but like,
+repost and follow what the usual draw gives them instead of the celebrity: as many events, fans
+and new accounts, and no subject takes more than the Zipf draw gives it.
+
 Guarantees of the generated stream (all with bounded memory, for any number of events):
 
 - the same ``(n, seed, accounts, start_time_us, celebrity)`` gives byte-identical output, and
@@ -205,7 +209,12 @@ class _Generator:
     """The stream's state. Every container is bounded (see the module docstring)."""
 
     def __init__(
-        self, seed: int, accounts: int, start_time_us: int, celebrity: float = 0.0
+        self,
+        seed: int,
+        accounts: int,
+        start_time_us: int,
+        celebrity: float = 0.0,
+        scatter: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.words = _words()
@@ -232,6 +241,7 @@ class _Generator:
         self.has_profile = bytearray(accounts)
         self.iso_cache: dict[int, str] = {}
         self.celebrity = celebrity
+        self.scatter = scatter  # fans draw their subjects as everyone does
         self.celebrity_post: StrongRef | None = None  # the first post, once there is one
         self.celebrity_account = 0  # its author
         self.fans = dict.fromkeys((LIKE, REPOST, FOLLOW), 0)  # celebrity likes, ... so far
@@ -318,9 +328,9 @@ class _Generator:
     def _liker(self, collection: str) -> tuple[int, StrongRef]:
         """Who likes or reposts which post: a fan the celebrity post, else the usual draw."""
         fan = self._fan(collection)
-        if fan is not None and self.celebrity_post is not None:
+        if fan is not None and self.celebrity_post is not None and not self.scatter:
             return fan, self.celebrity_post
-        creator = self._index(self.accounts)
+        creator = self._index(self.accounts) if fan is None else fan
         return creator, self._post_subject(_PAIR_CODES[collection], creator)
 
     def _hot_post(self) -> tuple[StrongRef, StrongRef]:
@@ -371,10 +381,10 @@ class _Generator:
 
     def _graph(self, collection: str) -> Event:
         fan = self._fan(collection) if collection == FOLLOW else None
-        if fan is not None:
+        if fan is not None and not self.scatter:
             creator, subject = fan, self.celebrity_account
         else:
-            creator = self._index(self.accounts)
+            creator = self._index(self.accounts) if fan is None else fan
             subject = self._account_subject(_PAIR_CODES[collection], creator)
         record = {
             "$type": collection,
@@ -561,11 +571,13 @@ def generate(
     accounts: int | None = None,
     start_time_us: int = DEFAULT_START_TIME_US,
     celebrity: float = 0.0,
+    scatter: bool = False,
 ) -> Iterator[bytes]:
     """Iterate over ``n`` Jetstream events, each one JSON object as bytes (no newline).
 
     ``accounts`` defaults to ``max(1000, n // 20)``; ``celebrity`` is the share of likes,
-    reposts and follows that go to one post and its author (see the module docstring).
+    reposts and follows that go to one post and its author, ``scatter`` its control (see the
+    module docstring).
     Deterministic in all arguments; bad arguments raise ``ValueError`` at the call, before any
     event is produced.
     """
@@ -576,7 +588,9 @@ def generate(
         raise ValueError(f"accounts must be >= 2, got {count}")
     if not 0.0 <= celebrity < 1.0:  # NaN fails too
         raise ValueError(f"celebrity must be >= 0 and < 1, got {celebrity}")
-    return _events(_Generator(seed, count, start_time_us, celebrity), n)
+    if scatter and not celebrity:
+        raise ValueError("scatter needs a celebrity share (it scatters the celebrity's fans)")
+    return _events(_Generator(seed, count, start_time_us, celebrity, scatter), n)
 
 
 def _events(gen: _Generator, n: int) -> Iterator[bytes]:
@@ -609,13 +623,17 @@ def write_jsonl(
     accounts: int | None = None,
     start_time_us: int = DEFAULT_START_TIME_US,
     celebrity: float = 0.0,
+    scatter: bool = False,
 ) -> int:
     """Write ``generate(...)`` as newline-delimited JSON (zstd when path ends in ``.zst``).
 
     Returns the number of events written.
     """
     target = Path(path)
-    events = generate(n, seed, accounts=accounts, start_time_us=start_time_us, celebrity=celebrity)
+    events = generate(
+        n, seed, accounts=accounts, start_time_us=start_time_us, celebrity=celebrity,
+        scatter=scatter,
+    )  # fmt: skip
     with target.open("wb") as raw:
         if target.suffix != ".zst":
             return _write_lines(raw, events)

@@ -392,6 +392,34 @@ def test_celebrity_likes_and_follows_are_deleted_but_not_the_post(
     )
 
 
+def test_scattered_fans_make_the_same_stream_without_a_celebrity() -> None:
+    """The control: as many fans doing as much, each subject drawn as everyone's."""
+    fans = {did_for(i) for i in range(1000, 1000 + CELEBRITY_N)}
+    shares = {}
+    for scatter in (False, True):
+        events = [json.loads(raw) for raw in generate(
+            CELEBRITY_N, seed=SEED, celebrity=CELEBRITY, scatter=scatter
+        )]  # fmt: skip
+        creates = [c for c in commits(events) if c["operation"] == "create"]
+        first = next(c for c in creates if c["collection"] == POST)
+        star_post = f"at://{first['did']}/{POST}/{first['rkey']}"
+        likes = [c for c in creates if c["collection"] == LIKE]
+        follows = [c for c in creates if c["collection"] == FOLLOW]
+        shares[scatter] = (
+            sum(c["did"] in fans for c in likes) / len(likes),
+            sum(c["did"] in fans for c in follows) / len(follows),
+            sum(c["record"]["subject"]["uri"] == star_post for c in likes) / len(likes),
+            max(Counter(c["record"]["subject"] for c in follows).values()) / len(follows),
+        )
+    fan_likes, fan_follows, star_likes, top_follows = shares[True]
+    assert abs(fan_likes - shares[False][0]) <= 0.02 and abs(fan_likes - CELEBRITY) <= 0.03
+    assert abs(fan_follows - shares[False][1]) <= 0.03
+    assert star_likes < 0.25 < CELEBRITY <= shares[False][2]  # no celebrity left (Zipf: 16%)
+    assert top_follows < 0.25 < CELEBRITY <= shares[False][3]
+    with pytest.raises(ValueError, match="scatter needs a celebrity"):
+        generate(10, scatter=True)
+
+
 def test_a_celebrity_stream_is_deterministic() -> None:
     first = list(generate(3000, seed=5, celebrity=0.3))
     assert first == list(generate(3000, seed=5, celebrity=0.3))
