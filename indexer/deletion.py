@@ -43,7 +43,7 @@ from indexer.db import Connection, Database, is_contention, is_unavailable
 from indexer.guard import Change
 from indexer.locks import lock_changes
 from indexer.plugin import Op, Plugin
-from indexer.records import write_records
+from indexer.records import remove_records
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class AccountDeletions:
         uris = [r["uri"] for r in rows]
         await conn.execute(_TOMBSTONE, uris)
         changes = [Change(_delete_op(r["uri"], did, r["rev"], deleted_at), "delete") for r in rows]
-        await write_records(conn, changes)
+        await remove_records(conn, uris)
         await lock_changes(conn, self._plugins, changes)
         deltas = Deltas()
         for collection in sorted({c.op.collection for c in changes}):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from indexer.db import Connection, rows_json
 from indexer.plugin import Kind, Op
+from indexer.records import remove_records
 
 if TYPE_CHECKING:
     from indexer.pipeline import Item
@@ -49,7 +50,6 @@ _APPLY = (
     'rev = excluded.rev, "indexedAt" = excluded."indexedAt") '
     'SELECT uri, "wasLive" FROM won'
 )
-_GONE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
 
 
 @dataclass(slots=True)
@@ -77,9 +77,7 @@ async def apply_guard(conn: Connection, items: list[Item]) -> list[Change]:
         was_live = won.get(item.op.uri)
         if was_live is not None and (kind := _kind(was_live=was_live, live=not item.delete)):
             changes.append(Change(item.op, kind))
-    gone = [c.op.uri for c in changes if c.kind == "delete"]
-    if gone:
-        await conn.execute(_GONE, gone)
+    await remove_records(conn, [c.op.uri for c in changes if c.kind == "delete"])
     return changes
 
 

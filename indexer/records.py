@@ -1,18 +1,11 @@
-"""The generic `record` table (uri, cid, did, json, rev) and the `actor` row of every author."""
+"""Rows of the generic `record` table removed (the rev guard writes the live ones), and the
+`actor` row of every author."""
 
 from __future__ import annotations
 
 from indexer.db import Connection, json_rows, rows_json
-from indexer.guard import Change
 
-# The records gone ($2) and those written ($1), disjoint, in one round trip.
-_WRITE = (
-    "WITH gone AS (DELETE FROM record WHERE uri = ANY($2::varchar[])) "
-    'INSERT INTO record (uri, cid, did, json, rev, "indexedAt") '
-    f"{json_rows(('varchar', 'varchar', 'varchar', 'text', 'varchar', 'varchar'))} ORDER BY 1 "
-    "ON CONFLICT (uri) DO UPDATE SET cid = excluded.cid, json = excluded.json, "
-    'rev = excluded.rev, "indexedAt" = excluded."indexedAt"'
-)
+_REMOVE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
 # The earliest event time seen wins, so the row does not depend on delivery order. New actors
 # are inserted without locking existing rows (ON CONFLICT DO UPDATE would lock every one of
 # them until commit, serializing replicas on shared authors). The UPDATE is its own statement so
@@ -33,13 +26,11 @@ _EARLIER_ACTORS = (
 )
 
 
-async def write_records(conn: Connection, changes: list[Change]) -> None:
-    """Apply the changes to `record`."""
-    if changes:
-        live = [c.op for c in changes if c.kind != "delete"]
-        rows = [(op.uri, op.cid, op.did, op.json, op.rev, op.indexed_at) for op in live]
-        gone = [c.op.uri for c in changes if c.kind == "delete"]
-        await conn.execute(_WRITE, rows_json(rows), gone)
+async def remove_records(conn: Connection, uris: list[str]) -> None:
+    """Delete these records from `record` (the rev guard writes the live ones,
+    `indexer.guard`)."""
+    if uris:
+        await conn.execute(_REMOVE, uris)
 
 
 async def ensure_actors(conn: Connection, authors: dict[str, str]) -> None:

@@ -8,9 +8,18 @@ from indexer.db import Connection, rows_json
 from indexer.plugin import bulk_insert
 
 COLUMNS = ("uri", "cid", "type", "postUri", "originatorDid", "sortAt")
-TYPES = ("varchar",) * 6
-TAIL = "ON CONFLICT (uri) DO NOTHING"
-_INSERT = bulk_insert("feed_item", COLUMNS, TYPES, TAIL)
+
+
+def insert_sql(param: int = 1, where: str = "") -> str:
+    """The insert of rows of COLUMNS from `$param`, those where `where` holds (already present
+    ones are kept)."""
+    return bulk_insert(
+        "feed_item", COLUMNS, ("varchar",) * 6, "ON CONFLICT (uri) DO NOTHING",
+        param=param, where=where,
+    )  # fmt: skip
+
+
+_INSERT = insert_sql()
 _DELETE = "DELETE FROM feed_item WHERE uri = ANY($1::varchar[])"
 
 

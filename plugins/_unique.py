@@ -81,7 +81,6 @@ class UniqueTable:
         key: tuple[str, str],
         returning: tuple[str, ...],
     ) -> None:
-        self._width = len(cols)
         self.key_at = (cols.index(key[0]), cols.index(key[1]))
         back = ", ".join(f'"{c}"' for c in ("uri", "cid", "indexedAt", *returning))
         self._insert = bulk_insert(table, cols, types, f"ON CONFLICT DO NOTHING RETURNING {back}")

@@ -61,8 +61,7 @@ _INSERT = (
     + bulk_insert("post", _POST_COLS, ("varchar",) * 10 + ("jsonb", "jsonb"),
                   "ON CONFLICT (uri) DO NOTHING RETURNING uri")
     + "), f AS ("
-    + bulk_insert("feed_item", feed_item.COLUMNS, feed_item.TYPES, feed_item.TAIL,
-                  param=2, where=_OF_NEW_POST)
+    + feed_item.insert_sql(param=2, where=_OF_NEW_POST)
     + f"), {embeds.insert_ctes(_EMBEDS_PARAM, _OF_NEW_POST)}, q AS ("
     + bulk_insert("quote", _QUOTE_COLS, ("varchar",) * 6,
                   "ON CONFLICT (uri) DO NOTHING RETURNING subject",
@@ -135,24 +134,28 @@ class PostPlugin:
 
     async def insert(self, conn: Connection, ops: list[Op], deltas: Deltas) -> None:
         by_uri = {op.uri: op for op in ops}
-        rows = [_row(op) for op in by_uri.values()]
+        rows = {uri: _row(op) for uri, op in by_uri.items()}
         items, quotes = [], []
         rich = embeds.EmbedRows()
-        for row in rows:
+        for row in rows.values():
             uri, cid, creator, created, indexed = row[0], row[1], row[2], row[8], row[9]
             items.append((uri, cid, "post", uri, creator, sort_at(created, indexed)))
             subject = quoted(by_uri[uri].record.embed)
             if subject is not None:
                 quotes.append((uri, cid, subject.uri, subject.cid, created, indexed))
             rich.add(uri, by_uri[uri].record.embed)
-        params = [rows_json(rows), rows_json(items), *rich.params(), rows_json(quotes)]
+        params = [
+            rows_json(list(rows.values())),
+            rows_json(items),
+            *rich.params(),
+            rows_json(quotes),
+        ]
         inserted = []
-        by_row = {row[0]: row for row in rows}
         for rec in await conn.fetch(_INSERT, *params):
             if rec["uri"] is None:
                 deltas.post(rec["quoted"], "quoteCount", 1)
                 continue
-            row = by_row[rec["uri"]]
+            row = rows[rec["uri"]]
             deltas.profile(row[2], "postsCount", 1)
             if row[6]:  # replyParent
                 deltas.post(row[6], "replyCount", 1)
