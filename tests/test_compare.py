@@ -151,6 +151,8 @@ async def test_every_exports_the_coverage_ratio(settings, indexed):
         try:
 
             async def exported():
+                if proc.returncode is not None:  # the stderr is in the assertion below
+                    raise AssertionError(f"compare exited early: {proc.returncode}")
                 try:
                     samples = await scrape(port)
                 except ConnectionRefusedError:  # not serving yet
@@ -160,9 +162,10 @@ async def test_every_exports_the_coverage_ratio(settings, indexed):
 
             samples = await until(exported)
         finally:
-            proc.send_signal(signal.SIGTERM)
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
             out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
+            assert proc.returncode == 0, err.decode()  # also says why it exited early
     for collection in (POST, LIKE):
         network, found = indexed.expected(collection)
         ratio = value(samples, "indexer_coverage_ratio", collection=collection)
@@ -185,7 +188,9 @@ async def _every(env, url, *args: str) -> asyncio.subprocess.Process:
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> str:
-    proc.send_signal(signal.SIGTERM)
+    """SIGTERM (unless it already exited), then its exit code and stderr checked."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     assert "Traceback" not in err.decode()
