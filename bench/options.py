@@ -24,6 +24,7 @@ class Options:
     celebrity: float
     write: bool
     results: Path
+    pg_settings: dict[str, str]
 
 
 def _count(text: str) -> int:
@@ -38,6 +39,13 @@ def _share(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be >= 0 and < 1, got {value}")
     return value
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return key.strip(), value.strip()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -69,6 +77,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         const=0.0,
         help="skip the celebrity phases (--celebrity 0)",
     )
+    parser.add_argument(
+        "--pg-setting",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PostgreSQL server setting over the throwaway defaults (repeatable), "
+        "e.g. shared_buffers=4GB",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -82,4 +99,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         celebrity=args.celebrity,
         write=not args.no_write,
         results=args.results,
+        pg_settings=dict(args.pg_setting),
     )

@@ -165,16 +165,21 @@ def _notes(report: Report) -> list[str]:
         f"{_ratio(ph('g2'), ph('p2'))}, COPY {_ratio(ph('g1'), p1, copy=True)}",
         f"rows identical after 1 and 2 replicas: empty {_identical(p1, ph('p2'))}; "
         f"grown {_identical(ph('g1'), ph('g2'))}"
-        + (f"; celebrity {_identical(ph('c1'), ph('c2'))}" if ph("c1") else ""),
+        + (f"; celebrity {_identical(ph('c1'), ph('c2'))}" if ph("c1") else "")
+        + (f"; control {_identical(ph('s1'), ph('s2'))}" if ph("s1") else ""),
         f"fixed cost of one `indexer run --drain` on an empty stream (start-up, connect, "
         f"drain check, exit): {report.overhead_s:.2f} s, included in every wall time",
     ]
     if ph("c1") is not None:
         notes.append(
-            f"celebrity {report.opts.celebrity:.0%} ÷ the same workload without: 1 replica "
-            f"{_ratio(ph('c1'), p1)}, 2 replicas {_ratio(ph('c2'), ph('p2'))}; COPY "
-            f"{_ratio(ph('c1'), p1, copy=True)} (its likes, reposts and follows come from fan "
-            f"accounts: {_actors(ph('c1'))} actors instead of {_actors(p1)})"
+            f"celebrity {report.opts.celebrity:.0%} ÷ its control (the same fan accounts, their "
+            f"subjects scattered): 1 replica {_ratio(ph('c1'), ph('s1'))}, 2 replicas "
+            f"{_ratio(ph('c2'), ph('s2'))}; COPY {_ratio(ph('c1'), ph('s1'), copy=True)}"
+        )
+        notes.append(
+            f"celebrity ÷ the workload without fans: 1 replica {_ratio(ph('c1'), p1)}, 2 "
+            f"replicas {_ratio(ph('c2'), ph('p2'))} (the fans are new accounts: "
+            f"{_actors(ph('c1'))} actors instead of {_actors(p1)})"
         )
     if p1 is not None:
         notes.append(

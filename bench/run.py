@@ -2,7 +2,7 @@
 
     python -m bench.run [--events N] [--batch-size B] [--concurrency C] [--pool-size P]
                         [--grow-rows R] [--seed S] [--celebrity SHARE | --no-celebrity]
-                        [--no-write]
+                        [--pg-setting NAME=VALUE ...] [--no-write]
 
 Everything runs in one go on this machine, against throwaway Redis and PostgreSQL servers
 (indexer.devservers, loopback only, logs in files):
@@ -20,8 +20,9 @@ Everything runs in one go on this machine, against throwaway Redis and PostgreSQ
    waiting so in the counter statement (post_agg and profile_agg rows);
 3. a celebrity (indexer.workload's `celebrity`) takes --celebrity SHARE (default 0.5) of the
    likes, reposts and follows of an otherwise identical workload (same events, same seed), and
-   phases 1 and 2 are repeated with it on empty tables; its events/s are compared with theirs
-   (skipped with --no-celebrity);
+   phases 1 and 2 are repeated with it on empty tables, then with its control (`scatter`: the
+   same fan accounts doing as much, their subjects drawn as everyone's); the celebrity's
+   events/s are compared with the control's (skipped with --no-celebrity);
 4. the tables are grown past --grow-rows rows (copies of the first phase's rows, every DID
    suffixed per copy so keys interleave with later ones, loaded with COPY, then VACUUM ANALYZE),
    and phases 1 and 2 are repeated there with a fresh workload (another seed, later timestamps,
@@ -111,6 +112,7 @@ class Bench:
         self.workload = work / "workload.jsonl"
         self.grown_workload = work / "workload-grown.jsonl"
         self.celebrity_workload = work / "workload-celebrity.jsonl"
+        self.control_workload = work / "workload-control.jsonl"
         self._strategy = ""
         self._t0 = time.perf_counter()
 
@@ -165,7 +167,10 @@ class Bench:
         if self.opts.celebrity:
             share = self.opts.celebrity
             await asyncio.to_thread(write_jsonl, self.celebrity_workload, n, seed, celebrity=share)
-        star = f"; seed {seed} with a celebrity too" if self.opts.celebrity else ""
+            await asyncio.to_thread(
+                write_jsonl, self.control_workload, n, seed, celebrity=share, scatter=True
+            )
+        star = f"; seed {seed} with a celebrity and its control too" if self.opts.celebrity else ""
         self.say(f"workloads of {n:,} events written (seeds {seed} and {seed + 1}{star})")
 
     async def overhead(self) -> float:
@@ -185,7 +190,9 @@ class Bench:
         empty = [("p1", "empty tables, 1 replica", 1), ("p2", "empty tables, 2 replicas", 2)]
         if self.opts.celebrity:
             star = f"empty tables, celebrity {self.opts.celebrity:.0%}"
+            control = "empty tables, its control (the fans' subjects scattered)"
             empty += [("c1", f"{star}, 1 replica", 1), ("c2", f"{star}, 2 replicas", 2)]
+            empty += [("s1", f"{control}, 1 replica", 1), ("s2", f"{control}, 2 replicas", 2)]
         grown = [("g1", "grown tables, 1 replica", 1), ("g2", "grown tables, 2 replicas", 2)]
         return empty + grown
 
@@ -195,6 +202,8 @@ class Bench:
         template, workload = (GROWN_DB, self.grown_workload) if grown else (EMPTY_DB, self.workload)
         if key.startswith("c"):
             workload = self.celebrity_workload
+        elif key.startswith("s"):
+            workload = self.control_workload
         db, stream = f"bench_{key}", f"bench_{key}_live"
         await self.clone(db, template)
         env = self.env(db, stream)
@@ -285,10 +294,9 @@ class Bench:
 
     async def machine(self) -> dict[str, str]:
         info = await self.redis.info("server")
-        pg = {
-            name: str(await self.admin(f"SHOW {name}"))
-            for name in ("server_version", "shared_buffers", "fsync", "synchronous_commit")
-        }
+        shown: tuple[str, ...] = ("server_version", "shared_buffers", "fsync", "synchronous_commit")
+        shown += tuple(n for n in self.opts.pg_settings if n not in shown)
+        pg = {name: str(await self.admin(f"SHOW {name}")) for name in shown}
         return {
             "nproc": str(os.cpu_count()),
             "cpu": cpu_model(),
@@ -316,7 +324,10 @@ class Bench:
 
 
 async def _run(opts: Options, console: Console, work: Path) -> Report:
-    with throwaway_redis(work) as redis_server, throwaway_postgres(work) as pg:
+    with (
+        throwaway_redis(work) as redis_server,
+        throwaway_postgres(work, opts.pg_settings) as pg,
+    ):
         bench = Bench(opts, redis_server, pg, work, console)
         try:
             return await bench.run()

@@ -261,8 +261,9 @@ class PostgresServer:
     in a data directory that user owns.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, settings: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
+        self.settings = PG_TEST_SETTINGS | (settings or {})  # server `-c` options
         self._port = free_port()
         self._process = _Process("postgres", self.workdir / "postgres.log")
         self._account: pwd.struct_passwd | None = None
@@ -284,7 +285,7 @@ class PostgresServer:
         postgres = _sibling_binary(find_binary("initdb"), "postgres")
         argv = [postgres, "-D", str(root / "data"), "-p", str(self._port), "-h", HOST]
         argv += ["-k", str(root / "run")]  # the Unix socket stays inside our directory
-        for key, value in PG_TEST_SETTINGS.items():
+        for key, value in self.settings.items():
             argv += ["-c", f"{key}={value}"]
         self._process.spawn(argv, account=self._account, cwd=root)
         try:
@@ -494,11 +495,14 @@ def throwaway_redis(
 
 
 @contextlib.contextmanager
-def throwaway_postgres(base: Path | None = None) -> Iterator[PostgresServer]:
-    """A started PostgresServer in a fresh temporary directory, stopped and deleted on exit."""
+def throwaway_postgres(
+    base: Path | None = None, settings: dict[str, str] | None = None
+) -> Iterator[PostgresServer]:
+    """A started PostgresServer in a fresh temporary directory, stopped and deleted on exit;
+    `settings` override PG_TEST_SETTINGS."""
     workdir = Path(tempfile.mkdtemp(prefix="firehose-pg-", dir=base))
     workdir.chmod(0o755)  # mkdtemp makes it 0700; as root, the postgres user must get through
-    server = PostgresServer(workdir)
+    server = PostgresServer(workdir, settings)
     try:
         server.start()
         yield server
