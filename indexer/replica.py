@@ -38,6 +38,7 @@ from indexer.config import Settings
 from indexer.db import Database, is_contention, is_unavailable
 from indexer.deletion import AccountDeletions
 from indexer.health import Health
+from indexer.lanes import Lanes
 from indexer.metrics import Metrics
 from indexer.observer import Observer
 from indexer.pipeline import Entry, Outcome, Pipeline
@@ -88,7 +89,9 @@ class Replica:
         self._drained = False
         self._stopping = asyncio.Event()
         self._settling: set[asyncio.Task[None]] = set()
+        # Entries pending on this replica: in its batches in flight or waiting in their lanes.
         self._in_flight: dict[str, set[str]] = {stream: set() for stream in settings.streams}
+        self._lanes = Lanes(settings.concurrency, settings.batch_size)
         self._claim_idle_ms = int(settings.claim_idle_s * 1000)
         self._next_sweep = 0.0
         self.indexed = 0
@@ -115,7 +118,7 @@ class Replica:
             before_start = await self._consumer.last_delivered_ids()
             workers = [
                 asyncio.create_task(
-                    self._work(drain, recover_until=before_start if n == 0 else None),
+                    self._work(n, drain, recover_until=before_start if n == 0 else None),
                     name=f"worker-{n}",
                 )
                 for n in range(self._settings.concurrency)
@@ -171,28 +174,52 @@ class Replica:
         finally:
             stop.cancel()
 
-    async def _work(self, drain: bool, *, recover_until: dict[str, str] | None) -> None:
+    async def _work(self, lane: int, drain: bool, *, recover_until: dict[str, str] | None) -> None:
+        """Take batches from this worker's lane (`indexer.lanes`), reading from the stream when
+        it runs short; after a stop request, finish what the lane holds and read no more."""
         if recover_until is not None:
             await self._sweep(self._settings.consumer, min_idle_ms=0, until=recover_until)
-        while not self._stopping.is_set():
+        size = self._settings.batch_size
+        while True:
+            if self._stopping.is_set():
+                if not (entries := self._lanes.take(lane, size)):
+                    return
+                await self._handle(entries)
+                continue
             self.health.beat()
             if self._sweep_due() and await self._sweep(None, min_idle_ms=self._claim_idle_ms):
                 continue
-            try:
-                entries = await self._consumer.read_new(
-                    self._settings.batch_size, self._settings.block_ms
-                )
-                if not entries and not any(self._in_flight.values()):
-                    self.health.idle()  # nothing new, nothing in hand: silence is fine
-                if not entries and drain and await self._consumer.drained():
-                    log.info("drained: the group has no lag and nothing pending")
-                    self._drained = True
-                    self._stopping.set()
-            except (RedisError, OSError) as exc:
-                await self._redis_trouble(exc, "reading")
-                continue
-            if entries:
+            if self._lanes.waiting(lane) < size:
+                if self._lanes.room():
+                    await self._read(lane, drain)
+                elif not self._lanes.waiting(lane):  # the others' lanes are full: wait for them
+                    await self._lanes.changed(max(0.1, self._settings.block_ms / 1000))
+                    continue
+            if entries := self._lanes.take(lane, size):
                 await self._handle(entries)
+
+    async def _read(self, lane: int, drain: bool) -> None:
+        """Read new entries into the lanes; without blocking if this worker's lane holds some."""
+        block_ms = 0 if self._lanes.waiting(lane) else self._settings.block_ms
+        try:
+            entries = await self._consumer.read_new(self._settings.batch_size, block_ms)
+        except (RedisError, OSError) as exc:
+            await self._redis_trouble(exc, "reading")
+            return
+        for entry in entries:  # pending on us from now on: kept from looking idle
+            self._in_flight[entry.stream].add(entry.id)
+        self._lanes.put(entries)
+        if entries:
+            return
+        if not any(self._in_flight.values()):
+            self.health.idle()  # nothing new, nothing in hand: silence is fine
+        try:
+            if drain and await self._consumer.drained():
+                log.info("drained: the group has no lag and nothing pending")
+                self._drained = True
+                self._stopping.set()
+        except (RedisError, OSError) as exc:
+            await self._redis_trouble(exc, "reading")
 
     def _sweep_due(self) -> bool:
         """True for one worker every `claim_idle_s / 2`: that worker looks for idle entries."""

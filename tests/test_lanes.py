@@ -1,0 +1,130 @@
+"""A replica's batches in flight never share an account (indexer.lanes), and a stop finishes
+what the lanes hold."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import msgspec
+import pytest
+
+from indexer.events import normalize_line
+from indexer.lanes import Lanes, lane_of
+from indexer.metrics import Metrics
+from indexer.pipeline import Entry, Outcome
+from indexer.replica import Replica
+from indexer.workload import generate
+from plugins import registry
+from tests.helpers import assert_no_drift, push
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def entry(did: str, n: int = 0) -> Entry:
+    return Entry("s", f"{n}-0", msgspec.json.encode({"type": "identity", "did": did, "seq": n}))
+
+
+def did_of(e: Entry) -> str:
+    assert e.raw is not None
+    return str(msgspec.json.decode(e.raw)["did"])
+
+
+def test_an_accounts_entries_share_a_lane_and_the_accounts_spread():
+    dids = [f"did:plc:{n:024d}" for n in range(400)]
+    for did in dids:
+        assert len({lane_of(entry(did, n), 3) for n in range(5)}) == 1
+    per_lane = Counter(lane_of(entry(did), 3) for did in dids)
+    assert sorted(per_lane) == [0, 1, 2]
+    assert min(per_lane.values()) > 400 // 3 * 0.7  # CRC-32 spreads them about evenly
+    assert {lane_of(entry(did), 1) for did in dids} == {0}
+    # unreadable entries go to lane 0, where the pipeline dead-letters them with the reason
+    assert lane_of(Entry("s", "1-0", b"{not json"), 3) == 0
+    assert lane_of(Entry("s", "1-0", None), 3) == 0
+
+
+def test_lanes_hold_one_batch_per_lane_and_give_them_oldest_first():
+    lanes = Lanes(2, batch_size=3)
+    dids = [f"did:plc:{n:024d}" for n in range(40)]
+    zero = [d for d in dids if lane_of(entry(d), 2) == 0][:4]
+    one = [d for d in dids if lane_of(entry(d), 2) == 1][:2]
+    assert lanes.room()
+    lanes.put([entry(d, n) for n, d in enumerate(zero[:3])])
+    assert lanes.room() and len(lanes) == 3  # 3 + 3 <= 6
+    lanes.put([entry(zero[3], 3), *(entry(d, 4 + n) for n, d in enumerate(one))])
+    assert not lanes.room() and len(lanes) == 6
+    assert (lanes.waiting(0), lanes.waiting(1)) == (4, 2)
+    assert [did_of(e) for e in lanes.take(0, 3)] == zero[:3]
+    assert [did_of(e) for e in lanes.take(0, 3)] == zero[3:]
+    assert [did_of(e) for e in lanes.take(1, 3)] == one
+    assert lanes.take(1, 3) == [] and len(lanes) == 0 and lanes.room()
+
+
+async def test_a_worker_waiting_for_its_lane_wakes_when_entries_come():
+    lanes = Lanes(2, batch_size=3)
+    did = next(f"did:plc:{n:024d}" for n in range(40) if lane_of(entry(f"did:plc:{n:024d}"), 2))
+    waiter = asyncio.create_task(lanes.changed(5))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    lanes.put([entry(did)])
+    await asyncio.wait_for(waiter, 1)
+    assert lanes.waiting(1) == 1
+
+
+async def test_a_replicas_batches_in_flight_never_share_an_account(settings, redis, db):
+    """Few accounts, small batches, three workers: without lanes nearly every pair of batches
+    in flight would share an author; with them none does, and everything is indexed."""
+    lines = list(generate(3000, seed=3, accounts=60))
+    await push(redis, settings.live_stream, [normalize_line(line) for line in lines])
+    replica = Replica(settings.replace(batch_size=40, concurrency=3), registry(), Metrics())
+    process = replica._pipeline.process
+    in_flight: list[set[str]] = []
+    overlapped = 0
+    shared: list[set[str]] = []
+
+    async def watched(entries: list[Entry]) -> Outcome:
+        nonlocal overlapped
+        dids = {did_of(e) for e in entries}
+        for other in in_flight:
+            overlapped += 1
+            if dids & other:
+                shared.append(dids & other)
+        in_flight.append(dids)
+        try:
+            return await process(entries)
+        finally:
+            in_flight.remove(dids)
+
+    replica._pipeline.process = watched  # type: ignore[method-assign]
+    await asyncio.wait_for(replica.run(drain=True), 45)
+
+    assert overlapped > 20  # batches really were in flight together
+    assert shared == []
+    group = (await redis.xinfo_groups(settings.live_stream))[0]
+    assert (group["pending"], group["lag"], group["entries-read"]) == (0, 0, 3000)
+    assert await redis.xlen(f"{settings.live_stream}:dlq") == 0
+    await assert_no_drift(db)
+
+
+async def test_a_stop_finishes_what_the_lanes_hold(settings, redis):
+    """Entries read into a lane are pending on this consumer: after a stop request they are
+    still committed and ACKed, and nothing more is read."""
+    lines = list(generate(2000, seed=4, accounts=50))
+    await push(redis, settings.live_stream, [normalize_line(line) for line in lines])
+    replica = Replica(settings.replace(batch_size=50, concurrency=2), registry(), Metrics())
+    process = replica._pipeline.process
+    batches: list[int] = []
+
+    async def stop_after_the_first(entries: list[Entry]) -> Outcome:
+        batches.append(len(entries))
+        replica.stop()
+        return await process(entries)
+
+    replica._pipeline.process = stop_after_the_first  # type: ignore[method-assign]
+    await asyncio.wait_for(replica.run(), 30)
+
+    group = (await redis.xinfo_groups(settings.live_stream))[0]
+    assert group["pending"] == 0
+    read = group["entries-read"]
+    assert 50 <= read < 2000  # a read fills both lanes; then it stopped reading
+    assert sum(batches) == read and len(batches) > 1  # every lane's entries were written
