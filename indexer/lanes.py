@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import zlib
 from collections import deque
+from collections.abc import AsyncIterator
 
 import msgspec
 
@@ -45,8 +46,9 @@ def lane_of(entry: Entry, lanes: int) -> int:
 
 class Lanes:
     """Per-worker queues of entries read but not yet taken: one batch per lane at most, in all
-    (a read of up to `batch_size` entries happens only when it fits; a worker whose lane is
-    empty while the others' are full waits for them instead of reading)."""
+    (a read of up to `batch_size` entries happens only when it fits, by one worker at a time;
+    a worker whose lane is empty while another reads, or while the others' lanes are full,
+    waits for them instead of reading)."""
 
     def __init__(self, lanes: int, batch_size: int) -> None:
         self._queues: list[deque[Entry]] = [deque() for _ in range(lanes)]
@@ -54,6 +56,18 @@ class Lanes:
         self._limit = lanes * batch_size
         self._held = 0
         self._changed = asyncio.Event()
+        self.reading = False  # a worker is reading the stream for all of them
+
+    @contextlib.asynccontextmanager
+    async def reader(self) -> AsyncIterator[None]:
+        """One worker reads at a time, so the others wait for what it routes to them instead
+        of blocking on the stream; the waiting workers are woken when it is done."""
+        self.reading = True
+        try:
+            yield
+        finally:
+            self.reading = False
+            self._wake()
 
     def __len__(self) -> int:
         """Entries held, in all lanes."""

@@ -190,25 +190,29 @@ class Replica:
             if self._sweep_due() and await self._sweep(None, min_idle_ms=self._claim_idle_ms):
                 continue
             if self._lanes.waiting(lane) < size:
-                if self._lanes.room():
+                if self._lanes.room() and not self._lanes.reading:
                     await self._read(lane, drain)
-                elif not self._lanes.waiting(lane):  # the others' lanes are full: wait for them
+                elif not self._lanes.waiting(lane):
+                    # Another worker is reading (its entries wake this one), or the other lanes
+                    # are full: wait rather than block on the stream while entries come in here.
                     await self._lanes.changed(max(0.1, self._settings.block_ms / 1000))
                     continue
             if entries := self._lanes.take(lane, size):
                 await self._handle(entries)
 
     async def _read(self, lane: int, drain: bool) -> None:
-        """Read new entries into the lanes; without blocking if this worker's lane holds some."""
+        """Read new entries into the lanes, one worker at a time; without blocking if this
+        worker's lane holds some."""
         block_ms = 0 if self._lanes.waiting(lane) else self._settings.block_ms
         try:
-            entries = await self._consumer.read_new(self._settings.batch_size, block_ms)
+            async with self._lanes.reader():
+                entries = await self._consumer.read_new(self._settings.batch_size, block_ms)
+                for entry in entries:  # pending on us from now on: kept from looking idle
+                    self._in_flight[entry.stream].add(entry.id)
+                self._lanes.put(entries)
         except (RedisError, OSError) as exc:
             await self._redis_trouble(exc, "reading")
             return
-        for entry in entries:  # pending on us from now on: kept from looking idle
-            self._in_flight[entry.stream].add(entry.id)
-        self._lanes.put(entries)
         if entries:
             return
         if not any(self._in_flight.values()):

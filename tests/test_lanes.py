@@ -4,6 +4,7 @@ what the lanes hold."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import msgspec
@@ -16,7 +17,7 @@ from indexer.pipeline import Entry, Outcome
 from indexer.replica import Replica
 from indexer.workload import generate
 from plugins import registry
-from tests.helpers import assert_no_drift, push
+from tests.helpers import FOLLOW, assert_no_drift, create, did, follow_record, push
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,12 +33,12 @@ def did_of(e: Entry) -> str:
 
 def test_an_accounts_entries_share_a_lane_and_the_accounts_spread():
     dids = [f"did:plc:{n:024d}" for n in range(400)]
-    for did in dids:
-        assert len({lane_of(entry(did, n), 3) for n in range(5)}) == 1
-    per_lane = Counter(lane_of(entry(did), 3) for did in dids)
+    for account in dids:
+        assert len({lane_of(entry(account, n), 3) for n in range(5)}) == 1
+    per_lane = Counter(lane_of(entry(d), 3) for d in dids)
     assert sorted(per_lane) == [0, 1, 2]
     assert min(per_lane.values()) > 400 // 3 * 0.7  # CRC-32 spreads them about evenly
-    assert {lane_of(entry(did), 1) for did in dids} == {0}
+    assert {lane_of(entry(d), 1) for d in dids} == {0}
     # unreadable entries go to lane 0, where the pipeline dead-letters them with the reason
     assert lane_of(Entry("s", "1-0", b"{not json"), 3) == 0
     assert lane_of(Entry("s", "1-0", None), 3) == 0
@@ -128,3 +129,30 @@ async def test_a_stop_finishes_what_the_lanes_hold(settings, redis):
     read = group["entries-read"]
     assert 50 <= read < 2000  # a read fills both lanes; then it stopped reading
     assert sum(batches) == read and len(batches) > 1  # every lane's entries were written
+
+
+async def test_entries_for_a_waiting_worker_are_not_held_up_by_a_blocking_read(settings, redis):
+    """One worker reads at a time: the others wait for what it routes to them, so an entry for
+    another worker's lane is written at once, not when that worker's own blocking read (10 s
+    here) would have ended. Two entries of lane 0 one after the other: whichever worker was
+    blocked first takes the first, so a worker 1 blocked on the stream would take one of them."""
+    replica = Replica(
+        settings.replace(batch_size=50, concurrency=2, block_ms=10_000), registry(), Metrics()
+    )
+    author = next(n for n in range(1, 40) if lane_of(entry(did(n)), 2) == 0)
+    run = asyncio.create_task(replica.run())
+    try:
+        for n in (1, 2):
+            await asyncio.sleep(0.3)  # the workers idle, waiting on the stream or on the reader
+            started = time.monotonic()
+            event = create(author, FOLLOW, f"3kfollow{n}", follow_record(90 + n), n)
+            await push(redis, settings.live_stream, [event])
+            while True:
+                group = (await redis.xinfo_groups(settings.live_stream))[0]
+                if (group["entries-read"], group["pending"]) == (n, 0):
+                    break
+                assert time.monotonic() - started < 4, group
+                await asyncio.sleep(0.02)
+    finally:
+        replica.stop()
+        await asyncio.wait_for(run, 15)
