@@ -7,9 +7,12 @@ each worker takes its batches from its own lane only, so the records, actor rows
 states of one did are only ever written by one of the replica's batches at a time. Across
 replicas batches may still meet; the rev guard orders them as before.
 
-Entries read from the stream wait in their lane until their worker takes them. They are pending
-on this consumer from the moment they are read: held for a worker, never ACKed before the
-commit, and redelivered (or claimed by another replica) if this one stops first.
+Entries read from the stream wait in their lane until their worker takes them, the live
+stream's first. They are pending on this consumer from the moment they are read: held for a
+worker, never ACKed before the commit, and redelivered (or claimed by another replica) if this
+one stops first. When one lane is full and another empty (a backfill adds a repo's records one
+after the other, all of one account), the idle worker helps with the full lane: its batches
+and the owner's may then wait for each other, as they would without lanes.
 """
 
 from __future__ import annotations
@@ -50,8 +53,12 @@ class Lanes:
     a worker whose lane is empty while another reads, or while the others' lanes are full,
     waits for them instead of reading)."""
 
-    def __init__(self, lanes: int, batch_size: int) -> None:
-        self._queues: list[deque[Entry]] = [deque() for _ in range(lanes)]
+    def __init__(self, lanes: int, batch_size: int, first: str = "") -> None:
+        # Per lane, entries of the `first` stream (the live one), then the others'.
+        self._queues: list[tuple[deque[Entry], deque[Entry]]] = [
+            (deque(), deque()) for _ in range(lanes)
+        ]
+        self._first = first
         self._batch_size = batch_size
         self._limit = lanes * batch_size
         self._held = 0
@@ -74,7 +81,11 @@ class Lanes:
         return self._held
 
     def waiting(self, lane: int) -> int:
-        return len(self._queues[lane])
+        return sum(len(q) for q in self._queues[lane])
+
+    def fullest(self) -> int:
+        """The lane holding the most entries."""
+        return max(range(len(self._queues)), key=self.waiting)
 
     def room(self) -> bool:
         """Whether another read of a batch fits."""
@@ -83,14 +94,17 @@ class Lanes:
     def put(self, entries: list[Entry]) -> None:
         """Route entries to their lanes and wake the workers waiting."""
         for entry in entries:
-            self._queues[lane_of(entry, len(self._queues))].append(entry)
+            first, rest = self._queues[lane_of(entry, len(self._queues))]
+            (first if entry.stream == self._first else rest).append(entry)
         self._held += len(entries)
         self._wake()
 
     def take(self, lane: int, count: int) -> list[Entry]:
-        """Up to `count` entries of a lane, oldest first."""
-        queue = self._queues[lane]
-        taken = [queue.popleft() for _ in range(min(count, len(queue)))]
+        """Up to `count` entries of a lane: the first stream's, then the others', oldest first
+        (a live entry does not wait behind backfill entries read before it)."""
+        taken: list[Entry] = []
+        for queue in self._queues[lane]:
+            taken += [queue.popleft() for _ in range(min(count - len(taken), len(queue)))]
         if taken:
             self._held -= len(taken)
             self._wake()

@@ -91,7 +91,7 @@ class Replica:
         self._settling: set[asyncio.Task[None]] = set()
         # Entries pending on this replica: in its batches in flight or waiting in their lanes.
         self._in_flight: dict[str, set[str]] = {stream: set() for stream in settings.streams}
-        self._lanes = Lanes(settings.concurrency, settings.batch_size)
+        self._lanes = Lanes(settings.concurrency, settings.batch_size, settings.streams[0])
         self._claim_idle_ms = int(settings.claim_idle_s * 1000)
         self._next_sweep = 0.0
         self.indexed = 0
@@ -192,9 +192,17 @@ class Replica:
             if self._lanes.waiting(lane) < size:
                 if self._lanes.room() and not self._lanes.reading:
                     await self._read(lane, drain)
+                elif not self._lanes.room() and not self._lanes.waiting(lane):
+                    # The other lanes are full and this one empty (one account's run of entries,
+                    # as a backfill adds them): help with the fullest, though its batches and
+                    # this one may then wait for each other, as without lanes.
+                    lane_now = self._lanes.fullest()
+                    if entries := self._lanes.take(lane_now, size):
+                        await self._handle(entries)
+                    continue
                 elif not self._lanes.waiting(lane):
-                    # Another worker is reading (its entries wake this one), or the other lanes
-                    # are full: wait rather than block on the stream while entries come in here.
+                    # Another worker is reading: wait for what it routes here rather than block
+                    # on the stream while entries come in for this lane.
                     await self._lanes.changed(max(0.1, self._settings.block_ms / 1000))
                     continue
             if entries := self._lanes.take(lane, size):

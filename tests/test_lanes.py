@@ -22,8 +22,9 @@ from tests.helpers import FOLLOW, assert_no_drift, create, did, follow_record, p
 pytestmark = pytest.mark.timeout(60)
 
 
-def entry(did: str, n: int = 0) -> Entry:
-    return Entry("s", f"{n}-0", msgspec.json.encode({"type": "identity", "did": did, "seq": n}))
+def entry(did: str, n: int = 0, stream: str = "s") -> Entry:
+    event = {"type": "identity", "did": did, "seq": n}
+    return Entry(stream, f"{n}-0", msgspec.json.encode(event))
 
 
 def did_of(e: Entry) -> str:
@@ -59,6 +60,17 @@ def test_lanes_hold_one_batch_per_lane_and_give_them_oldest_first():
     assert [did_of(e) for e in lanes.take(0, 3)] == zero[3:]
     assert [did_of(e) for e in lanes.take(1, 3)] == one
     assert lanes.take(1, 3) == [] and len(lanes) == 0 and lanes.room()
+
+
+def test_a_lane_gives_the_live_streams_entries_first():
+    lanes = Lanes(1, batch_size=4, first="live")
+    lanes.put([entry("did:plc:a", n, "backfill") for n in range(3)])
+    lanes.put([entry("did:plc:a", n, "live") for n in range(3, 5)])
+    assert [(e.stream, e.id) for e in lanes.take(0, 3)] == [
+        ("live", "3-0"), ("live", "4-0"), ("backfill", "0-0"),
+    ]  # fmt: skip
+    assert [e.id for e in lanes.take(0, 3)] == ["1-0", "2-0"]
+    assert lanes.fullest() == 0 and len(lanes) == 0
 
 
 async def test_a_worker_waiting_for_its_lane_wakes_when_entries_come():
@@ -156,3 +168,26 @@ async def test_entries_for_a_waiting_worker_are_not_held_up_by_a_blocking_read(s
     finally:
         replica.stop()
         await asyncio.wait_for(run, 15)
+
+
+async def test_one_accounts_run_of_entries_is_shared_by_the_workers(settings, redis, db):
+    """A backfill adds a repo's records one after the other: all in one lane. When the other
+    lanes are empty and that one full, their workers help with it (as without lanes)."""
+    events = [create(7, FOLLOW, f"3kf{n:05d}", follow_record(100 + n), n) for n in range(1, 1201)]
+    await push(redis, settings.live_stream, events)
+    replica = Replica(settings.replace(batch_size=100, concurrency=2), registry(), Metrics())
+    process = replica._pipeline.process
+    workers: Counter[str] = Counter()
+
+    async def watched(entries: list[Entry]) -> Outcome:
+        task = asyncio.current_task()
+        workers[task.get_name() if task else "?"] += len(entries)
+        return await process(entries)
+
+    replica._pipeline.process = watched  # type: ignore[method-assign]
+    await asyncio.wait_for(replica.run(drain=True), 45)
+
+    assert sorted(workers) == ["worker-0", "worker-1"], workers
+    assert sum(workers.values()) == 1200
+    assert await db.fetchval("SELECT count(*) FROM follow WHERE creator = $1", did(7)) == 1200
+    await assert_no_drift(db)
