@@ -33,12 +33,21 @@ _COLUMNS = (
 # snapshot too). Records gone are deleted from `record` by the next statement: a DELETE here
 # would scan with the snapshot taken before the guard waited, and miss a row that the batch
 # it waited for had just committed.
+# The duplicates of this batch's records (`duplicate_record`) are locked in the same pass, in
+# the same uri order, by a row of rev '' that never wins: a batch deleting an original later
+# locks its duplicates to promote one (plugins/_unique.py), and taking those locks only then,
+# out of uri order, deadlocked with a batch whose guard held one of them and waited for a uri
+# the first held. (Their rows exist: `record_state` rows are never deleted.)
 _APPLY = (
     "WITH input AS ("
     f"SELECT {', '.join(f'(r->>{i})::{t} AS {n}' for i, (n, t) in enumerate(_COLUMNS))} "
     "FROM jsonb_array_elements($1::jsonb) AS r), "
     'won AS (INSERT INTO record_state AS s (uri, did, rev, live, "updatedAt") '
-    "SELECT uri, did, rev, live, t FROM input ORDER BY uri "
+    "SELECT uri, did, rev, live, t FROM input "
+    "UNION ALL SELECT d.uri, '', '', false, '' FROM duplicate_record d "
+    'WHERE d."duplicateOf" IN (SELECT uri FROM input) AND d.uri NOT IN (SELECT uri FROM input) '
+    "AND EXISTS (SELECT 1 FROM record_state e WHERE e.uri = d.uri) "
+    "ORDER BY uri "
     "ON CONFLICT (uri) DO UPDATE SET rev = excluded.rev, live = excluded.live, "
     '"updatedAt" = excluded."updatedAt", "liveBefore" = s.live WHERE s.rev < excluded.rev '
     'RETURNING uri, live, coalesce("liveBefore", false) AS "wasLive"), '

@@ -22,7 +22,9 @@ from indexer.plugin import Op, bulk_insert, columns
 # Live duplicates of deleted originals: their rev-guard rows are locked first, so a concurrent
 # batch deleting or changing one of them either went first or waits for this one; then a new
 # statement reads what is true now (a row re-checked under FOR UPDATE is fresh, but the rows
-# joined to it would be read from the old snapshot).
+# joined to it would be read from the old snapshot). The guard statement already locked the
+# duplicates it saw, in uri order with the batch's own records (indexer.guard); this takes
+# those again at no cost, and any recorded since.
 _LOCK_CANDIDATES = (
     "SELECT s.uri FROM record_state s WHERE s.live AND s.uri IN "
     '(SELECT uri FROM duplicate_record WHERE "duplicateOf" = ANY($1::varchar[])) '

@@ -130,6 +130,31 @@ async def test_promoted_duplicate_deleted_by_a_concurrent_batch(database_url, db
     await assert_no_drift(db)
 
 
+async def test_a_promotion_does_not_deadlock_with_a_batch_on_the_duplicate(database_url, db):
+    """A deletes an original (l1) and x1; B deletes l1's duplicate (l5) and x1. A's guard locks
+    l5 with its own records, in uri order, so B waits for A at l5. Before, B's guard held l5
+    and waited for A at x1 while A's promotion waited for l5: a deadlock."""
+    x1 = (4, LIKE, "x1")
+    plain, _ = await _pipeline(database_url)
+    await plain.process(
+        _batch(
+            create(3, LIKE, "l1", like_record(P1), 10),
+            create(3, LIKE, "l5", like_record(P1), 11),
+            create(*x1, like_record(uri(1, POST, "p2")), 12),
+        )
+    )
+    assert await _state(db) == (["l1", "x1"], [("l5", "l1")], 1)
+    paused, gate = await _pipeline(database_url, pause_at="ORDER BY s.uri FOR UPDATE")
+    a = asyncio.create_task(paused.process(_batch(delete(3, LIKE, "l1", 20), delete(*x1, 20))))
+    await gate.reached.wait()  # A's guard has run; A is about to lock l1's duplicates
+    b = asyncio.create_task(plain.process(_batch(delete(3, LIKE, "l5", 21), delete(*x1, 21))))
+    await asyncio.sleep(0.3)  # B's guard is waiting for A
+    gate.go.set()
+    await asyncio.gather(a, b)
+    assert await _state(db) == ([], [], 0)
+    await assert_no_drift(db)
+
+
 async def test_deeply_nested_entry_is_dead_lettered_not_a_crash_loop(settings, redis, db):
     deep = (
         b'{"type":"create","did":"did:plc:x","rev":"3kaaaaaaaaaaa","collection":"app.bsky.feed'
