@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 _COLUMNS = (
     ("uri", "varchar"), ("did", "varchar"), ("rev", "varchar"), ("live", "bool"),
-    ("t", "varchar"), ("cid", "varchar"), ("json", "text"),
+    ("t", "varchar"), ("cid", "varchar"), ("json", "text"), ("gone", "bool"),
 )  # fmt: skip
 # The guard and the `record` rows it lets through, in one round trip: guard rows are inserted
 # or, where the op's rev is newer, updated, in uri order (the one lock order of every
@@ -33,19 +33,22 @@ _COLUMNS = (
 # snapshot too). Records gone are deleted from `record` by the next statement: a DELETE here
 # would scan with the snapshot taken before the guard waited, and miss a row that the batch
 # it waited for had just committed.
-# The duplicates of this batch's records (`duplicate_record`) are locked in the same pass, in
-# the same uri order, by a row of rev '' that never wins: a batch deleting an original later
-# locks its duplicates to promote one (plugins/_unique.py), and taking those locks only then,
-# out of uri order, deadlocked with a batch whose guard held one of them and waited for a uri
-# the first held. (Their rows exist: `record_state` rows are never deleted.)
+# The duplicates (`duplicate_record`) of the records this batch deletes or updates (`gone`: it
+# may remove them from their typed table) are locked in the same pass, in the same uri order,
+# by a row of rev '' that never wins: a batch removing an original later locks its duplicates
+# to promote one (plugins/_unique.py), and taking those locks only then, out of uri order,
+# deadlocked with a batch whose guard held one of them and waited for a uri the first held.
+# (Their rows exist: `record_state` rows are never deleted. OFFSET 0 keeps the lookup one index
+# probe per removed record; joined, the planner may scan the whole of `duplicate_record`.)
 _APPLY = (
     "WITH input AS ("
     f"SELECT {', '.join(f'(r->>{i})::{t} AS {n}' for i, (n, t) in enumerate(_COLUMNS))} "
     "FROM jsonb_array_elements($1::jsonb) AS r), "
     'won AS (INSERT INTO record_state AS s (uri, did, rev, live, "updatedAt") '
     "SELECT uri, did, rev, live, t FROM input "
-    "UNION ALL SELECT d.uri, '', '', false, '' FROM duplicate_record d "
-    'WHERE d."duplicateOf" IN (SELECT uri FROM input) AND d.uri NOT IN (SELECT uri FROM input) '
+    "UNION ALL SELECT d.uri, '', '', false, '' FROM input i CROSS JOIN LATERAL "
+    '(SELECT x.uri FROM duplicate_record x WHERE x."duplicateOf" = i.uri OFFSET 0) d '
+    "WHERE i.gone AND d.uri NOT IN (SELECT uri FROM input) "
     "AND EXISTS (SELECT 1 FROM record_state e WHERE e.uri = d.uri) "
     "ORDER BY uri "
     "ON CONFLICT (uri) DO UPDATE SET rev = excluded.rev, live = excluded.live, "
@@ -77,7 +80,16 @@ async def apply_guard(conn: Connection, items: list[Item]) -> list[Change]:
     if not items:
         return []
     rows = [
-        (i.op.uri, i.op.did, i.op.rev, not i.delete, i.op.indexed_at, i.op.cid, i.op.json)
+        (
+            i.op.uri,
+            i.op.did,
+            i.op.rev,
+            not i.delete,
+            i.op.indexed_at,
+            i.op.cid,
+            i.op.json,
+            i.delete or i.operation == "update",
+        )
         for i in items
     ]
     won = {r["uri"]: r["wasLive"] for r in await conn.fetch(_APPLY, rows_json(rows))}
