@@ -86,28 +86,38 @@ async def test_a_worker_waiting_for_its_lane_wakes_when_entries_come():
 
 async def test_a_replicas_batches_in_flight_never_share_an_account(settings, redis, db):
     """Few accounts, small batches, three workers: without lanes nearly every pair of batches
-    in flight would share an author; with them none does, and everything is indexed."""
+    in flight would share an author; with them two share one only when a worker helps with
+    another's full lane (taken from a lane not its own), and everything is indexed."""
     lines = list(generate(3000, seed=3, accounts=60))
     await push(redis, settings.live_stream, [normalize_line(line) for line in lines])
     replica = Replica(settings.replace(batch_size=40, concurrency=3), registry(), Metrics())
-    process = replica._pipeline.process
-    in_flight: list[set[str]] = []
+    process, take = replica._pipeline.process, replica._lanes.take
+    helped: set[str] = set()  # ids of the entries a worker took from another worker's lane
+    in_flight: list[tuple[set[str], bool]] = []
     overlapped = 0
     shared: list[set[str]] = []
 
+    def watched_take(lane: int, count: int) -> list[Entry]:
+        taken = take(lane, count)
+        task = asyncio.current_task()
+        if task is not None and task.get_name() != f"worker-{lane}":
+            helped.update(e.id for e in taken)
+        return taken
+
     async def watched(entries: list[Entry]) -> Outcome:
         nonlocal overlapped
-        dids = {did_of(e) for e in entries}
+        batch = ({did_of(e) for e in entries}, entries[0].id in helped)
         for other in in_flight:
             overlapped += 1
-            if dids & other:
-                shared.append(dids & other)
-        in_flight.append(dids)
+            if batch[0] & other[0] and not (batch[1] or other[1]):
+                shared.append(batch[0] & other[0])
+        in_flight.append(batch)
         try:
             return await process(entries)
         finally:
-            in_flight.remove(dids)
+            in_flight.remove(batch)
 
+    replica._lanes.take = watched_take  # type: ignore[method-assign]
     replica._pipeline.process = watched  # type: ignore[method-assign]
     await asyncio.wait_for(replica.run(drain=True), 45)
 
