@@ -189,23 +189,21 @@ class Replica:
             self.health.beat()
             if self._sweep_due() and await self._sweep(None, min_idle_ms=self._claim_idle_ms):
                 continue
+            source = lane
             if self._lanes.waiting(lane) < size:
                 if self._lanes.room() and not self._lanes.reading:
                     await self._read(lane, drain)
-                elif not self._lanes.room() and not self._lanes.waiting(lane):
-                    # The other lanes are full and this one empty (one account's run of entries,
-                    # as a backfill adds them): help with the fullest, though its batches and
-                    # this one may then wait for each other, as without lanes.
-                    lane_now = self._lanes.fullest()
-                    if entries := self._lanes.take(lane_now, size):
-                        await self._handle(entries)
-                    continue
                 elif not self._lanes.waiting(lane):
-                    # Another worker is reading: wait for what it routes here rather than block
-                    # on the stream while entries come in for this lane.
-                    await self._lanes.changed(max(0.1, self._settings.block_ms / 1000))
-                    continue
-            if entries := self._lanes.take(lane, size):
+                    if self._lanes.room():
+                        # Another worker is reading: wait for what it routes here rather than
+                        # block on the stream while entries come in for this lane.
+                        await self._lanes.changed(max(0.1, self._settings.block_ms / 1000))
+                        continue
+                    # The other lanes are full and this one empty (one account's run of
+                    # entries, as a backfill adds them): help with the fullest, though its
+                    # batches and this one may then wait for each other, as without lanes.
+                    source = self._lanes.fullest()
+            if entries := self._lanes.take(source, size):
                 await self._handle(entries)
 
     async def _read(self, lane: int, drain: bool) -> None:
