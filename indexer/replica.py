@@ -210,15 +210,17 @@ class Replica:
         """Read new entries into the lanes, one worker at a time; without blocking if this
         worker's lane holds some."""
         block_ms = 0 if self._lanes.waiting(lane) else self._settings.block_ms
-        try:
-            async with self._lanes.reader():
+        async with self._lanes.reader():
+            try:
                 entries = await self._consumer.read_new(self._settings.batch_size, block_ms)
-                for entry in entries:  # pending on us from now on: kept from looking idle
-                    self._in_flight[entry.stream].add(entry.id)
-                self._lanes.put(entries)
-        except (RedisError, OSError) as exc:
-            await self._redis_trouble(exc, "reading")
-            return
+            except (RedisError, OSError) as exc:
+                # Still the reader while it waits: the other workers do not read into the
+                # same outage one after the other.
+                await self._redis_trouble(exc, "reading")
+                return
+            for entry in entries:  # pending on us from now on: kept from looking idle
+                self._in_flight[entry.stream].add(entry.id)
+            self._lanes.put(entries)
         if entries:
             return
         if not any(self._in_flight.values()):

@@ -236,7 +236,7 @@ async def test_unblocked_reads_and_a_full_redis_are_waited_out(settings, redis):
         blocked: list[int] = []
         for _ in range(200):
             clients = await redis.client_list()
-            blocked = [int(c["id"]) for c in clients if c.get("cmd") == "xreadgroup"]
+            blocked = [int(c["id"]) for c in clients if "b" in c["flags"]]
             if blocked:
                 break
             await asyncio.sleep(0.05)
@@ -245,6 +245,8 @@ async def test_unblocked_reads_and_a_full_redis_are_waited_out(settings, redis):
             await redis.execute_command("CLIENT", "UNBLOCK", client_id, "ERROR")
         await asyncio.sleep(0.3)
         assert not task.done()
+        clients = await redis.client_list()  # no other worker took over the read meanwhile
+        assert [c["id"] for c in clients if "b" in c["flags"]] == []
         await redis.xadd(stream, {"event": b"{not json"})
         await redis.config_set("maxmemory", 1)  # every command that needs memory is refused
         try:
