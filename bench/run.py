@@ -221,6 +221,10 @@ class Bench:
         warnings = sum(log_warnings(Path(f"{self.work / key}-{r.name}.log")) for r in stats)
         await self.redis.delete(stream, constants.dlq_stream(stream))
         self.say(f"{key}: {title}: {seconds:.1f} s, {events / seconds:,.0f} events/s")
+        total = sum(waits.values()) or 1
+        locked = [(k, n) for k, n in waits.most_common() if k[0].startswith("Lock:")]
+        for (wait, query), n in locked[:3]:  # where the batches wait for each other
+            self.say(f"{key}:   {n / total:.1%} of samples {wait} in {query}")
         found = await inspect(self.pg.dsn(db), grown)
         copy = await self.copy_baseline(db, template, grown)
         self.say(f"{key}: COPY of its {copy.rows:,} rows: {copy.seconds:.1f} s")
