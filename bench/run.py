@@ -72,7 +72,7 @@ from bench.tables import (
     load_suffixed_copies,
     quote_ident,
 )
-from bench.waits import lock_wait_share, sample_waits
+from bench.waits import lock_wait_share, sample_waits, top_lock_waits
 from indexer import constants
 from indexer.config import ENVIRONMENT_VARIABLES
 from indexer.devservers import PostgresServer, RedisServer, throwaway_postgres, throwaway_redis
@@ -221,10 +221,8 @@ class Bench:
         warnings = sum(log_warnings(Path(f"{self.work / key}-{r.name}.log")) for r in stats)
         await self.redis.delete(stream, constants.dlq_stream(stream))
         self.say(f"{key}: {title}: {seconds:.1f} s, {events / seconds:,.0f} events/s")
-        total = sum(waits.values()) or 1
-        locked = [(k, n) for k, n in waits.most_common() if k[0].startswith("Lock:")]
-        for (wait, query), n in locked[:3]:  # where the batches wait for each other
-            self.say(f"{key}:   {n / total:.1%} of samples {wait} in {query}")
+        for wait, query, share in top_lock_waits(waits, 3):  # where batches wait for others
+            self.say(f"{key}:   {share:.1%} of samples {wait} in {query}")
         found = await inspect(self.pg.dsn(db), grown)
         copy = await self.copy_baseline(db, template, grown)
         self.say(f"{key}: COPY of its {copy.rows:,} rows: {copy.seconds:.1f} s")

@@ -34,7 +34,17 @@ def lock_wait_share(counts: Counter[tuple[str, str]], statement: str = "") -> fl
     """The share of backend samples waiting for a heavyweight lock (a row, a transaction), in
     statements containing `statement` (all statements by default)."""
     total = sum(counts.values())
-    locked = sum(
-        n for (wait, query), n in counts.items() if wait.startswith("Lock:") and statement in query
-    )
+    locked = sum(n for (wait, query), n in _locked(counts) if statement in query)
     return locked / total if total else 0.0
+
+
+def top_lock_waits(counts: Counter[tuple[str, str]], most: int) -> list[tuple[str, str, float]]:
+    """The (wait, statement) pairs with the most samples waiting for a heavyweight lock, each
+    with its share of all samples, most first."""
+    total = sum(counts.values())
+    ranked = sorted(_locked(counts), key=lambda pair: pair[1], reverse=True)
+    return [(wait, query, n / total) for (wait, query), n in ranked[:most]]
+
+
+def _locked(counts: Counter[tuple[str, str]]) -> list[tuple[tuple[str, str], int]]:
+    return [(key, n) for key, n in counts.items() if key[0].startswith("Lock:")]

@@ -75,11 +75,11 @@ def test_a_lane_gives_the_live_streams_entries_first():
 
 async def test_a_worker_waiting_for_its_lane_wakes_when_entries_come():
     lanes = Lanes(2, batch_size=3)
-    did = next(f"did:plc:{n:024d}" for n in range(40) if lane_of(entry(f"did:plc:{n:024d}"), 2))
+    account = next(d for d in (f"did:plc:{n:024d}" for n in range(40)) if lane_of(entry(d), 2))
     waiter = asyncio.create_task(lanes.changed(5))
     await asyncio.sleep(0.01)
     assert not waiter.done()
-    lanes.put([entry(did)])
+    lanes.put([entry(account)])
     await asyncio.wait_for(waiter, 1)
     assert lanes.waiting(1) == 1
 
