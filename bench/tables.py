@@ -160,6 +160,17 @@ WHERE actual.n IS DISTINCT FROM counted.n
 HISTORY_COLUMNS: dict[str, tuple[str, ...]] = {"record_state": ("liveBefore",)}
 
 
+def _any_counter(agg: str) -> str:
+    return " OR ".join(f"{quote_ident(c)} <> 0" for c, _, _, a, _ in COUNTERS if a == agg)
+
+
+# Rows that keep how the counters got to their state: a key whose deltas moved and summed back
+# to zero has a row of zeros if they moved in different batches, and none if one batch summed
+# them (or the rev guard collapsed the ops). Readers take a missing row as zeros, so the digests
+# leave rows whose counters are all zero out.
+HISTORY_ROWS: dict[str, str] = {agg: _any_counter(agg) for agg in ("post_agg", "profile_agg")}
+
+
 async def inspect(dsn: str, measured_only: bool) -> Inspection:
     """Rows per table, counters that disagree with count(*), and a digest of each table."""
     conn = await asyncpg.connect(dsn)
@@ -171,9 +182,12 @@ async def inspect(dsn: str, measured_only: bool) -> Inspection:
             where = _measured(key, measured_only)
             name = quote_ident(table)
             rows[table] = await conn.fetchval(f"SELECT count(*) FROM {name}{where}")
+            state = where  # the digest's rows: the state's, not the history's
+            if table in HISTORY_ROWS:
+                state += f" {'AND' if where else 'WHERE'} ({HISTORY_ROWS[table]})"
             digests[table] = await conn.fetchval(
                 "SELECT md5(string_agg(md5((to_jsonb(t) - $1::text[])::text), '' "
-                f"ORDER BY t.{quote_ident(key)})) FROM {name} AS t{where}",
+                f"ORDER BY t.{quote_ident(key)})) FROM {name} AS t{state}",
                 list(HISTORY_COLUMNS.get(table, ())),
             )
         errors: dict[str, int] = {}
