@@ -135,6 +135,20 @@ def test_stop_grace_outlasts_the_replicas_own_grace():
         assert seconds > DEFAULT_SHUTDOWN_GRACE_S, (name, grace)
 
 
+def test_postgres_gets_its_connections_and_cache_from_the_env_file():
+    def options(env: dict[str, str]) -> dict[str, str]:
+        command = load_compose(env=env)["services"]["postgres"]["command"]
+        assert command[0] == "postgres" and command[1::2] == ["-c"] * (len(command) // 2)
+        return dict(c.split("=", 1) for c in command[2::2])
+
+    expected = {"max_connections": "200", "shared_buffers": "1GB"}
+    assert options(filled_env()) == expected
+    unset = ("POSTGRES_MAX_CONNECTIONS", "POSTGRES_SHARED_BUFFERS")
+    assert options({k: v for k, v in filled_env().items() if k not in unset}) == expected
+    chosen = filled_env() | {"POSTGRES_MAX_CONNECTIONS": "50", "POSTGRES_SHARED_BUFFERS": "6GB"}
+    assert options(chosen) == {"max_connections": "50", "shared_buffers": "6GB"}
+
+
 def test_redis_keeps_every_entry():
     command = load_compose()["services"]["redis"]["command"]
     options = dict(zip(command[1::2], command[2::2], strict=True))
