@@ -9,9 +9,9 @@ them), a throwaway PostgreSQL is migrated, and one real `indexer run` indexes th
 `--index` entries are ACKed; it is then stopped with SIGTERM and must exit 0. Its peak RSS
 (VmHWM) is sampled all along. Both streams begin with the same `--index` events (same seed and
 accounts: the generator's output does not depend on its length), so the replica does the same
-work in both; only what waits behind it differs. Reported side by side: peak RSS, events/s while
-indexing, Redis's memory for the stream. Loopback only; results are printed and appended to
-bench/RESULTS.md (unless --no-write).
+work in both; only what waits behind it differs. Reported side by side: peak RSS, events/s from
+the first ACK to the stop request, Redis's memory for the stream. Loopback only; results are
+printed and appended to bench/RESULTS.md (unless --no-write).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -30,26 +31,29 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from bench.options import RESULTS_PATH
+from bench.ingest import XADD_BATCH, xadd_envelopes
+from bench.options import RESULTS_PATH, positive_count
 from bench.procs import (
     code_version,
     cpu_model,
     indexer_executable,
+    log_tail,
     log_warnings,
     mem_total_gib,
     vm_hwm_kb,
 )
 from bench.report import append_results
 from indexer.config import ENVIRONMENT_VARIABLES
-from indexer.devservers import throwaway_postgres, throwaway_redis
+from indexer.devservers import PG_TEST_SETTINGS, throwaway_postgres, throwaway_redis
 from indexer.events import normalize_line
 from indexer.migrate import migrate
 from indexer.stream import group_backlog
 from indexer.workload import generate
 
 STREAM, GROUP = "bench_backlog", "bench"
-XADD_BATCH = 1000
 SAMPLE_S = 0.05
+POLL_S = 0.1
+STOP_S = 60.0
 TIMEOUT_S = 3600.0
 
 
@@ -57,45 +61,38 @@ TIMEOUT_S = 3600.0
 class Result:
     backlog: int
     fill_s: float
-    redis_mb: float
-    indexed: int
-    index_s: float
+    redis_mib: float
+    indexed: int  # ACKed by the stop request
+    timed: int  # ACKed from the first ACK seen to the stop request
+    seconds: float  # from the first ACK seen to the stop request
     peak_rss_mb: float
-    exit_code: int
     warnings: int
 
     @property
     def rate(self) -> float:
-        return self.indexed / self.index_s
+        return self.timed / self.seconds
 
 
-async def fill(client: aioredis.Redis, events: int, seed: int, accounts: int) -> float:
+async def _fill(client: aioredis.Redis, events: int, seed: int, accounts: int) -> float:
     """Add `events` workload envelopes to the stream; the seconds it took."""
     started = time.perf_counter()
     batch: list[bytes] = []
     for event in generate(events, seed, accounts=accounts):
         batch.append(normalize_line(event))
         if len(batch) == XADD_BATCH:
-            await _xadd(client, batch)
+            await xadd_envelopes(client, STREAM, batch)
             batch.clear()
-    if batch:
-        await _xadd(client, batch)
+    await xadd_envelopes(client, STREAM, batch)
     return time.perf_counter() - started
 
 
-async def _xadd(client: aioredis.Redis, envelopes: list[bytes]) -> None:
-    async with client.pipeline(transaction=False) as pipe:
-        for envelope in envelopes:
-            pipe.xadd(STREAM, {b"event": envelope})
-        await pipe.execute()
-
-
-async def index(
+async def _run_replica(
     env: dict[str, str], client: aioredis.Redis, target: int, log_path: Path
-) -> tuple[int, float, float, int]:
-    """Run one replica until `target` entries are ACKed, then SIGTERM it.
+) -> tuple[int, int, float, float]:
+    """One replica until `target` entries are ACKed, then SIGTERM and its exit (0, or raise).
 
-    Returns (entries ACKed by then, seconds until then, peak RSS in MB to its exit, exit code).
+    Returns (entries ACKed by the stop request, those ACKed since the first ACK seen, seconds
+    from that first ACK to the stop request, peak RSS in MB until the replica exited).
     """
     before = await group_backlog(client, STREAM, GROUP)
     with log_path.open("wb") as log:
@@ -103,24 +100,33 @@ async def index(
             indexer_executable(), "run", "--consumer", "r1",
             env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
-    started, peak_kb, polled, done = time.perf_counter(), 0, 0.0, 0
+    started, peak_kb, polled = time.monotonic(), 0, 0.0
+    first: tuple[float, int] | None = None  # (when, ACKed) at the first poll that saw an ACK
+    done = 0
     try:
         while True:
             peak_kb = max(peak_kb, vm_hwm_kb(proc.pid))
             if proc.returncode is not None:
-                raise RuntimeError(f"the replica exited with {proc.returncode}; see {log_path}")
-            if time.perf_counter() - started > TIMEOUT_S:
-                raise TimeoutError(f"fewer than {target} entries indexed in {TIMEOUT_S:.0f} s")
-            if time.perf_counter() - polled > 0.5:
-                polled = time.perf_counter()
+                raise RuntimeError(f"the replica exited with {proc.returncode}:\n"
+                                   f"{log_tail(log_path)}")  # fmt: skip
+            if time.monotonic() - started > TIMEOUT_S:
+                raise TimeoutError(f"fewer than {target} entries ACKed in {TIMEOUT_S:.0f} s")
+            if time.monotonic() - polled >= POLL_S:
+                polled = time.monotonic()
                 done = before - await group_backlog(client, STREAM, GROUP)
+                if first is None and done > 0:
+                    first = (polled, done)
                 if done >= target:
                     break
             await asyncio.sleep(SAMPLE_S)
-        seconds = time.perf_counter() - started
+        assert first is not None  # done >= target >= 1
+        seconds = polled - first[0]
         proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_S
         while proc.returncode is None:  # it may still grow while it stops
             peak_kb = max(peak_kb, vm_hwm_kb(proc.pid))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the replica did not stop within {STOP_S:.0f} s of SIGTERM")
             try:
                 await asyncio.wait_for(proc.wait(), SAMPLE_S)
             except TimeoutError:
@@ -129,90 +135,102 @@ async def index(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    return done, seconds, peak_kb / 1024, proc.returncode
+    if proc.returncode != 0:
+        raise RuntimeError(f"the replica exited with {proc.returncode} after SIGTERM:\n"
+                           f"{log_tail(log_path)}")  # fmt: skip
+    return done, done - first[1], seconds, peak_kb / 1024
 
 
 async def measure(backlog: int, opts: argparse.Namespace, work: Path) -> Result:
+    """One backlog: fill a fresh stream, index `opts.index` entries of it, stop the replica."""
     with throwaway_redis(work) as redis_server, throwaway_postgres(work) as pg:
         await migrate(pg.dsn())
         client = aioredis.Redis.from_url(redis_server.url)
         try:
-            fill_s = await fill(client, backlog, opts.seed, opts.accounts)
-            redis_mb = int((await client.info("memory"))["used_memory"]) / 2**20
+            fill_s = await _fill(client, backlog, opts.seed, opts.accounts)
+            redis_mib = int((await client.info("memory"))["used_memory"]) / 2**20
             env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT_VARIABLES}
             env |= {
                 "REDIS_URL": redis_server.url, "DATABASE_URL": pg.dsn(),
                 "INDEXER_STREAMS": STREAM, "INDEXER_GROUP": GROUP, "METRICS_PORT": "0",
             }  # fmt: skip
             log_path = work / f"replica-{backlog}.log"
-            done, seconds, peak, code = await index(env, client, opts.index, log_path)
+            indexed, timed, seconds, peak = await _run_replica(env, client, opts.index, log_path)
         finally:
             await client.aclose()
-    return Result(backlog, fill_s, redis_mb, done, seconds, peak, code, log_warnings(log_path))
+    return Result(backlog, fill_s, redis_mib, indexed, timed, seconds, peak, log_warnings(log_path))
 
 
 def markdown(opts: argparse.Namespace, results: list[Result]) -> str:
     shallow, deep = results
+    settings = ", ".join(f"{k}={v}" for k, v in PG_TEST_SETTINGS.items())
     lines = [
         f"## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: a replica's memory against a deep backlog",
         "",
         f"- machine: {os.cpu_count()} x {cpu_model()}, {mem_total_gib():.1f} GiB RAM",
         f"- code: {code_version()}; `python -m bench.backlog --deep {opts.deep} --shallow "
         f"{opts.shallow} --index {opts.index} --accounts {opts.accounts}` (seed {opts.seed}); "
-        "one `indexer run`, default settings, loopback only",
+        "one `indexer run` with its default settings, loopback only",
+        f"- PostgreSQL with the throwaway test settings ({settings})",
         "",
-        "| Backlog (entries waiting) | Fill s | Redis MB | Indexed | Seconds | Events/s "
-        "| Peak RSS MB | Exit after SIGTERM | Log warnings |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Backlog (entries waiting) | Fill s | Redis MiB | ACKed | Seconds from the first ACK "
+        "| Events/s | Peak RSS MB | Log warnings |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r.backlog:,} | {r.fill_s:.0f} | {r.redis_mb:,.0f} | {r.indexed:,} | "
-            f"{r.index_s:.1f} | {r.rate:,.0f} | {r.peak_rss_mb:.0f} | {r.exit_code} | "
-            f"{r.warnings} |"
+            f"| {r.backlog:,} | {r.fill_s:.0f} | {r.redis_mib:,.0f} | {r.indexed:,} | "
+            f"{r.seconds:.1f} | {r.rate:,.0f} | {r.peak_rss_mb:.0f} | {r.warnings} |"
         )
     lines += [
         "",
         f"- peak RSS, deep ÷ shallow: {deep.peak_rss_mb / shallow.peak_rss_mb:.2f}; "
-        f"events/s, deep ÷ shallow: {deep.rate / shallow.rate:.2f}",
+        f"events/s, deep ÷ shallow: {deep.rate / shallow.rate:.2f}; both replicas exited 0 "
+        "on SIGTERM",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _count(text: str) -> int:
-    value = int(text.replace("_", "").replace(",", ""))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.backlog",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--deep", type=_count, default=10_000_000, help="entries waiting")
-    parser.add_argument("--shallow", type=_count, default=500_000, help="entries waiting")
-    parser.add_argument("--index", type=_count, default=200_000, help="entries to index")
-    parser.add_argument("--accounts", type=_count, default=50_000)
+    parser.add_argument("--deep", type=positive_count, default=10_000_000, help="entries waiting")
+    parser.add_argument("--shallow", type=positive_count, default=500_000, help="entries waiting")
+    parser.add_argument("--index", type=positive_count, default=200_000, help="entries to ACK")
+    parser.add_argument("--accounts", type=positive_count, default=50_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     opts = parser.parse_args(argv)
-    if opts.index > min(opts.shallow, opts.deep):
-        parser.error("--index must not exceed either backlog")
-    with tempfile.TemporaryDirectory(prefix="firehose-backlog-") as work:
-        Path(work).chmod(0o755)
-        results = []
+    if opts.accounts < 2:
+        parser.error("--accounts must be at least 2")
+    if not opts.index <= opts.shallow < opts.deep:
+        parser.error("--index must not exceed --shallow, which must be below --deep")
+    return opts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse(argv)
+    # mkdtemp, not TemporaryDirectory: the replicas' logs stay for a look when a run fails.
+    work = Path(tempfile.mkdtemp(prefix="firehose-backlog-"))
+    work.chmod(0o755)  # as root, the throwaway PostgreSQL runs as `postgres` and must get in
+    results = []
+    try:
         for backlog in (opts.shallow, opts.deep):
-            results.append(asyncio.run(measure(backlog, opts, Path(work))))
+            results.append(asyncio.run(measure(backlog, opts, work)))
             print(f"backlog {backlog:,}: peak RSS {results[-1].peak_rss_mb:.0f} MB",
                   file=sys.stderr)  # fmt: skip
+    except BaseException:
+        print(f"the replicas' logs are in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work)
     section = markdown(opts, results)
     print(section)
     if not opts.no_write:
         append_results(RESULTS_PATH, section)
-    return 0 if all(r.exit_code == 0 for r in results) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -129,6 +129,15 @@ async def _timed(
     return Result(source, events - first, seconds, tree_cpu_s(proc.pid) - cpu_before)
 
 
+async def xadd_envelopes(client: aioredis.Redis, stream: str, envelopes: list[bytes]) -> None:
+    """Add stream envelopes as `indexer ingest` writes them: pipelined XADD, XADD_BATCH a time."""
+    for start in range(0, len(envelopes), XADD_BATCH):
+        async with client.pipeline(transaction=False) as pipe:
+            for envelope in envelopes[start : start + XADD_BATCH]:
+                pipe.xadd(stream, {b"event": envelope})
+            await pipe.execute()
+
+
 async def _raw_xadd(opts: argparse.Namespace, redis_url: str) -> Result:
     """Redis's own rate for the same envelopes: pipelined XADD from this process."""
     envelopes = [normalize_line(e) for e in generate(opts.events, opts.seed)]
@@ -136,11 +145,7 @@ async def _raw_xadd(opts: argparse.Namespace, redis_url: str) -> Result:
     stream = "bench_ingest_raw"
     started, cpu_before = time.perf_counter(), time.process_time()
     try:
-        for start in range(0, len(envelopes), XADD_BATCH):
-            async with client.pipeline(transaction=False) as pipe:
-                for envelope in envelopes[start : start + XADD_BATCH]:
-                    pipe.xadd(stream, {b"event": envelope})
-                await pipe.execute()
+        await xadd_envelopes(client, stream, envelopes)
         seconds = time.perf_counter() - started
     finally:
         await client.delete(stream)

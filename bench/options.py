@@ -27,7 +27,8 @@ class Options:
     pg_settings: dict[str, str]
 
 
-def _count(text: str) -> int:
+def positive_count(text: str) -> int:
+    """An argparse type: a count of at least 1, written with or without separators."""
     value = int(text.replace("_", "").replace(",", ""))
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -54,12 +55,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         prog="python -m bench.run",
         description="End-to-end indexer throughput beside the raw COPY rate of the same rows.",
     )
-    parser.add_argument("--events", type=_count, default=200_000, help="events per phase")
-    parser.add_argument("--batch-size", type=_count, default=constants.DEFAULT_BATCH_SIZE)
-    parser.add_argument("--concurrency", type=_count, default=constants.DEFAULT_CONCURRENCY)
-    parser.add_argument("--pool-size", type=_count, default=constants.DEFAULT_DB_POOL_SIZE)
+    parser.add_argument("--events", type=positive_count, default=200_000, help="events per phase")
+    parser.add_argument("--batch-size", type=positive_count, default=constants.DEFAULT_BATCH_SIZE)
+    parser.add_argument("--concurrency", type=positive_count, default=constants.DEFAULT_CONCURRENCY)
+    parser.add_argument("--pool-size", type=positive_count, default=constants.DEFAULT_DB_POOL_SIZE)
     parser.add_argument(
-        "--grow-rows", type=_count, default=2_000_000, help="rows in the grown tables (at least)"
+        "--grow-rows",
+        type=positive_count,
+        default=2_000_000,
+        help="rows in the grown tables (at least)",
     )
     parser.add_argument("--seed", type=int, default=1, help="workload seed (grown: seed + 1)")
     parser.add_argument(

@@ -26,7 +26,7 @@ class ReplicaStats:
     cpu_s: float
 
 
-def _tail(path: Path, lines: int = 25) -> str:
+def log_tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_bytes()[-8192:].decode(errors="replace")
     except OSError as exc:
@@ -54,7 +54,7 @@ def ingest_file(indexer: str, env: dict[str, str], path: Path, log_path: Path) -
             timeout=PHASE_TIMEOUT_S,
         )
     if result.returncode != 0:
-        raise RuntimeError(f"ingest exited with {result.returncode}:\n{_tail(log_path)}")
+        raise RuntimeError(f"ingest exited with {result.returncode}:\n{log_tail(log_path)}")
     return time.perf_counter() - started
 
 
@@ -96,8 +96,8 @@ def _reap_all(
                 continue
             proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode != 0:
-                log = Path(f"{log_prefix}-{name}.log")
-                raise RuntimeError(f"replica {name} exited with {proc.returncode}:\n{_tail(log)}")
+                log = log_tail(Path(f"{log_prefix}-{name}.log"))
+                raise RuntimeError(f"replica {name} exited with {proc.returncode}:\n{log}")
             seconds = time.perf_counter() - started
             cpu = usage.ru_utime + usage.ru_stime
             done[name] = ReplicaStats(name, seconds, peak_kb[name] / 1024, cpu)

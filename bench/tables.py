@@ -160,15 +160,11 @@ WHERE actual.n IS DISTINCT FROM counted.n
 HISTORY_COLUMNS: dict[str, tuple[str, ...]] = {"record_state": ("liveBefore",)}
 
 
-def _any_counter(agg: str) -> str:
-    return " OR ".join(f"{quote_ident(c)} <> 0" for c, _, _, a, _ in COUNTERS if a == agg)
-
-
-# Rows that keep how the counters got to their state: a key whose deltas moved and summed back
-# to zero has a row of zeros if they moved in different batches, and none if one batch summed
-# them (or the rev guard collapsed the ops). Readers take a missing row as zeros, so the digests
-# leave rows whose counters are all zero out.
-HISTORY_ROWS: dict[str, str] = {agg: _any_counter(agg) for agg in ("post_agg", "profile_agg")}
+# Tables of counters, every column but the key a count. A row of zeros keeps how the counters
+# got to their state: deltas that cancel leave one when they land in different batches and none
+# when one batch sums them (or the rev guard collapses the ops). The AppView reads a missing row
+# as zeros, so the digests leave rows of zeros out.
+COUNTER_TABLES = ("post_agg", "profile_agg")
 
 
 async def inspect(dsn: str, measured_only: bool) -> Inspection:
@@ -178,13 +174,14 @@ async def inspect(dsn: str, measured_only: bool) -> Inspection:
         rows: dict[str, int] = {}
         digests: dict[str, str] = {}
         for table in WRITTEN_TABLES:
-            key = (await table_columns(conn, table))[0]
+            key, *values = await table_columns(conn, table)
             where = _measured(key, measured_only)
             name = quote_ident(table)
             rows[table] = await conn.fetchval(f"SELECT count(*) FROM {name}{where}")
             state = where  # the digest's rows: the state's, not the history's
-            if table in HISTORY_ROWS:
-                state += f" {'AND' if where else 'WHERE'} ({HISTORY_ROWS[table]})"
+            if table in COUNTER_TABLES:
+                nonzero = " OR ".join(f"{quote_ident(c)} <> 0" for c in values)
+                state += f" {'AND' if where else 'WHERE'} ({nonzero})"
             digests[table] = await conn.fetchval(
                 "SELECT md5(string_agg(md5((to_jsonb(t) - $1::text[])::text), '' "
                 f"ORDER BY t.{quote_ident(key)})) FROM {name} AS t{state}",

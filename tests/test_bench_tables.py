@@ -3,35 +3,63 @@
 from __future__ import annotations
 
 import asyncpg
+import pytest
 
-from bench.tables import inspect
+from bench.tables import GROWN_MARK, inspect
 
 POST = "at://did:plc:a/app.bsky.feed.post/1"
+# Every counter column of the two counter tables, with the key of a row to put it on.
+COUNTER_COLUMNS = [
+    ("post_agg", "uri", POST, c)
+    for c in ("likeCount", "replyCount", "repostCount", "quoteCount", "bookmarkCount")
+] + [
+    ("profile_agg", "did", "did:plc:a", c) for c in ("followersCount", "followsCount", "postsCount")
+]
 
 
-async def _digests(database_url: str) -> dict[str, str]:
-    return (await inspect(database_url, measured_only=False)).digests
+async def _digests(database_url: str, measured_only: bool = False) -> dict[str, str]:
+    return (await inspect(database_url, measured_only)).digests
+
+
+async def _counted_rows(db: asyncpg.Connection) -> None:
+    """A row with a count in each counter table: the state both digests share."""
+    await db.execute('INSERT INTO post_agg (uri, "likeCount") VALUES ($1, 3)', POST + "0")
+    await db.execute('INSERT INTO profile_agg (did, "postsCount") VALUES ($1, 2)', "did:plc:b")
 
 
 async def test_a_row_of_zero_counters_is_left_out_of_the_digest(
     database_url: str, db: asyncpg.Connection
 ):
-    empty = await _digests(database_url)
+    await _counted_rows(db)
+    before = await _digests(database_url)
     await db.execute("INSERT INTO post_agg (uri) VALUES ($1)", POST)
     await db.execute("INSERT INTO profile_agg (did) VALUES ('did:plc:a')")
     inspection = await inspect(database_url, measured_only=False)
-    assert inspection.rows["post_agg"] == 1
-    assert inspection.rows["profile_agg"] == 1
-    assert inspection.digests == empty
+    assert inspection.rows["post_agg"] == 2
+    assert inspection.rows["profile_agg"] == 2
+    assert inspection.digests == before
 
 
-async def test_a_counter_that_differs_changes_the_digest(database_url: str, db: asyncpg.Connection):
-    await db.execute('INSERT INTO post_agg (uri, "quoteCount") VALUES ($1, 0)', POST)
-    zero = await _digests(database_url)
-    await db.execute('UPDATE post_agg SET "quoteCount" = 1')
-    one = await _digests(database_url)
-    assert one["post_agg"] != zero["post_agg"]
-    await db.execute('INSERT INTO profile_agg (did, "postsCount") VALUES ($1, 2)', "did:plc:a")
-    assert (await _digests(database_url))["profile_agg"] != one["profile_agg"]
-    await db.execute('UPDATE post_agg SET "quoteCount" = 0')
-    assert (await _digests(database_url))["post_agg"] == zero["post_agg"]
+@pytest.mark.parametrize(("table", "key", "value", "counter"), COUNTER_COLUMNS)
+async def test_any_counter_that_differs_changes_the_digest(
+    database_url: str, db: asyncpg.Connection, table: str, key: str, value: str, counter: str
+):
+    await _counted_rows(db)
+    await db.execute(f"INSERT INTO {table} ({key}) VALUES ($1)", value)
+    zeros = await _digests(database_url)
+    await db.execute(f'UPDATE {table} SET "{counter}" = 1 WHERE {key} = $1', value)
+    assert (await _digests(database_url))[table] != zeros[table]
+    await db.execute(f'UPDATE {table} SET "{counter}" = 0 WHERE {key} = $1', value)
+    assert (await _digests(database_url))[table] == zeros[table]
+
+
+async def test_the_measured_digest_leaves_out_the_grown_rows_and_the_rows_of_zeros(
+    database_url: str, db: asyncpg.Connection
+):
+    await _counted_rows(db)
+    before = await _digests(database_url, measured_only=True)
+    await db.execute("INSERT INTO post_agg (uri) VALUES ($1)", POST)
+    grown = f"did:plc:c{GROWN_MARK}1"
+    await db.execute('INSERT INTO profile_agg (did, "followsCount") VALUES ($1, 5)', grown)
+    assert await _digests(database_url, measured_only=True) == before
+    assert (await _digests(database_url))["profile_agg"] != before["profile_agg"]
