@@ -87,7 +87,8 @@ class Replica:
         self._pipeline = Pipeline(self._db, plugins, uncounted)
         self.deletions = AccountDeletions(self._db, plugins)
         self._drained = False
-        self._stopping = asyncio.Event()
+        self._stopping = asyncio.Event()  # stop reading: a stop request, or a worker ended
+        self._stop_requested = asyncio.Event()  # a stop request only
         self._settling: set[asyncio.Task[None]] = set()
         # Entries pending on this replica: in its batches in flight or waiting in their lanes.
         self._in_flight: dict[str, set[str]] = {stream: set() for stream in settings.streams}
@@ -99,6 +100,7 @@ class Replica:
 
     def stop(self) -> None:
         """Stop reading; batches in hand finish (signal handlers call this, and only this)."""
+        self._stop_requested.set()
         self._stopping.set()
 
     async def run(self, *, drain: bool = False) -> None:
@@ -137,7 +139,7 @@ class Replica:
                 workers_done.set()
                 await asyncio.gather(*chores, return_exceptions=True)
             if self._drained:  # drained also means: no account deletion left pending
-                await self.deletions.run_pending(wait=True)
+                await self._finish_deletions()
             await self._leave()
         finally:
             self._observer.stop()
@@ -148,6 +150,26 @@ class Replica:
             await self._redis.aclose()
             if not observer.cancelled() and (crash := observer.exception()) is not None:
                 raise crash
+
+    async def _finish_deletions(self) -> None:
+        """Run the account deletions still pending, waiting out outages as a batch does. A stop
+        request leaves the rest pending (their fences stay): the next start finishes them."""
+        attempt = 0
+        while not self._stop_requested.is_set():
+            try:
+                await self.deletions.run_pending(self._stop_requested, wait=True)
+                return
+            except Exception as exc:
+                reason = _retry_reason(exc)
+                if reason is None:
+                    raise
+                attempt += 1
+                self._metrics.retries.labels(reason).inc()
+                delay = _backoff(attempt, 0.05)
+                log.warning("pending account deletions not run (%s: %s); retry %d in %.2fs",
+                            reason, exc, attempt, delay)  # fmt: skip
+                await _wait_for(self._stop_requested, delay)
+        log.warning("stopped with account deletions pending; the next start runs them")
 
     async def _wait(self, workers: list[asyncio.Task[None]]) -> None:
         """Wait for the workers; after a stop request give them the grace period, then cancel."""
@@ -412,7 +434,7 @@ class Replica:
                     raise
                 attempt += 1
                 self._metrics.retries.labels(reason).inc()
-                delay = min(_MAX_BACKOFF_S, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                delay = _backoff(attempt, 0.05)
                 log.warning(
                     "batch of %d not committed (%s: %s); retry %d in %.2fs",
                     len(entries),
@@ -434,7 +456,7 @@ class Replica:
                     raise
                 attempt += 1
                 log.warning("ACK failed (%s); retry %d", exc, attempt)
-                await asyncio.sleep(min(_MAX_BACKOFF_S, 0.1 * 2**attempt) * random.uniform(0.5, 1))
+                await asyncio.sleep(_backoff(attempt, 0.1))
 
     def _record(self, outcome: Outcome) -> None:
         for (collection, operation, result), n in outcome.counts.items():
@@ -448,6 +470,11 @@ class Replica:
         if outcome.newest_time:
             newest = datetime.fromisoformat(outcome.newest_time.replace("Z", "+00:00"))
             self._metrics.indexed_event_time(newest.timestamp())
+
+
+def _backoff(attempt: int, first_s: float) -> float:
+    """Seconds before retry `attempt` (1, 2, ...): doubling from `first_s`, capped, jittered."""
+    return min(_MAX_BACKOFF_S, first_s * 2.0**attempt) * random.uniform(0.5, 1.0)
 
 
 async def _wait_for(event: asyncio.Event, timeout_s: float) -> bool:

@@ -16,8 +16,10 @@ from indexer.config import Settings
 from indexer.db import Database
 from indexer.deletion import AccountDeletions
 from indexer.events import normalize_line
+from indexer.metrics import Metrics
 from indexer.pipeline import Pipeline
 from indexer.reconcile import reconcile
+from indexer.replica import Replica
 from indexer.workload import generate
 from plugins import registry
 from tests.helpers import (
@@ -100,6 +102,49 @@ async def _counts(db: asyncpg.Connection) -> dict[str, tuple[int, ...]]:
 
 async def _records_of(db: asyncpg.Connection, author: int) -> int:
     return int(await db.fetchval("SELECT count(*) FROM record WHERE did = $1", did(author)))
+
+
+async def test_a_drained_replica_waits_out_an_outage_before_its_last_deletions(
+    settings, redis, drain, postgres_server, monkeypatch
+):
+    """Drained, a replica runs the account deletions still pending (the chore polls every
+    second, so this one is). PostgreSQL going down just then is waited out: it used to end the
+    run with ConnectionRefusedError."""
+    await push(redis, settings.live_stream, _world())
+    await drain()
+    await push(redis, settings.live_stream, [account(1, "deleted")])
+    replica = Replica(settings, registry(), Metrics())
+    run_pending = replica.deletions.run_pending
+    calls = 0
+    restarted: list[asyncio.Task[None]] = []
+
+    async def restart_soon() -> None:
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(postgres_server.restart)
+
+    async def after_an_outage(*args: Any, **kwargs: Any) -> int:
+        nonlocal calls
+        if kwargs.get("wait"):  # the drained replica's call, not the chore's
+            calls += 1
+        if calls == 1 and not restarted:
+            postgres_server.kill()
+            restarted.append(asyncio.create_task(restart_soon()))
+        return await run_pending(*args, **kwargs)
+
+    monkeypatch.setattr(replica.deletions, "run_pending", after_an_outage)
+    try:
+        await asyncio.wait_for(replica.run(drain=True), 60)
+    finally:
+        await asyncio.gather(*restarted)  # PostgreSQL is up again for the next tests
+    assert calls >= 2
+    assert replica.deletions.records_deleted > 0
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert await _records_of(conn, 1) == 0
+        assert await conn.fetchval("SELECT count(*) FROM account_fence WHERE pending") == 0
+    finally:
+        await conn.close()
+    assert await redis.xlen(f"{settings.live_stream}:dlq") == 0
 
 
 async def test_deletion_removes_the_account_and_decrements_exactly(settings, redis, db, drain):

@@ -34,19 +34,19 @@ def test_arguments_that_cannot_make_a_comparison_are_refused(argv: list[str]):
 
 
 async def test_a_replica_is_measured_against_a_backlog(tmp_path: Path):
-    opts = parse(["--deep", "3000", "--shallow", "1500", "--index", "1000", "--accounts", "200"])
+    opts = parse(["--deep", "9000", "--shallow", "6000", "--index", "4000", "--accounts", "300"])
     shallow = await measure(opts.shallow, opts, tmp_path)
     deep = await measure(opts.deep, opts, tmp_path)
     for result in (shallow, deep):
-        assert 1000 <= result.indexed <= result.backlog
+        assert 4000 <= result.indexed <= result.backlog
         assert 0 < result.timed <= result.indexed
         assert result.seconds > 0
         assert result.warnings == 0
         assert 20 < result.peak_rss_mb < 300
-    assert deep.backlog == 3000
+    assert deep.backlog == 9000
     assert deep.redis_mib > shallow.redis_mib
     table = markdown(opts, [shallow, deep])
-    assert f"| 3,000 | {deep.fill_s:.0f} | {deep.redis_mib:,.0f} | {deep.indexed:,} |" in table
+    assert f"| 9,000 | {deep.fill_s:.0f} | {deep.redis_mib:,.0f} | {deep.indexed:,} |" in table
     ratio = deep.peak_rss_mb / shallow.peak_rss_mb
     assert f"peak RSS, deep ÷ shallow: {ratio:.2f};" in table
 

@@ -11,6 +11,7 @@ import msgspec
 from indexer.events import normalize_line
 from indexer.metrics import Metrics
 from indexer.replica import Replica
+from indexer.stream import group_backlog
 from indexer.workload import generate
 from plugins import registry
 from tests.helpers import (
@@ -33,6 +34,7 @@ from tests.helpers import (
     snapshot,
     uri,
 )
+from tests.observe import until
 
 
 def _scenario() -> list[dict[str, object]]:
@@ -162,7 +164,13 @@ async def test_database_outage_is_waited_out_not_dead_lettered(
     await push(redis, settings.live_stream, events)
     await db.close()
     task = asyncio.create_task(drain(batch_size=50))
-    await asyncio.sleep(0.5)
+
+    # Down once the first batches are in, while most are still to come (a fixed sleep let a
+    # fast machine drain them all first).
+    async def first_batches_in() -> bool:
+        return await group_backlog(redis, settings.live_stream, settings.group) <= 2500
+
+    await until(first_batches_in, step_s=0.005)
     postgres_server.kill()
     await asyncio.sleep(1.5)
     postgres_server.restart()
