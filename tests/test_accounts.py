@@ -107,9 +107,8 @@ async def _records_of(db: asyncpg.Connection, author: int) -> int:
 async def test_a_drained_replica_waits_out_an_outage_before_its_last_deletions(
     settings, redis, drain, postgres_server, monkeypatch
 ):
-    """Drained, a replica runs the account deletions still pending (the chore polls every
-    second, so this one is). PostgreSQL going down just then is waited out: it used to end the
-    run with ConnectionRefusedError."""
+    """Drained, a replica runs the account deletions still pending. PostgreSQL going down just
+    then is waited out: it used to end the run with ConnectionRefusedError."""
     await push(redis, settings.live_stream, _world())
     await drain()
     await push(redis, settings.live_stream, [account(1, "deleted")])
@@ -124,9 +123,10 @@ async def test_a_drained_replica_waits_out_an_outage_before_its_last_deletions(
 
     async def after_an_outage(*args: Any, **kwargs: Any) -> int:
         nonlocal calls
-        if kwargs.get("wait"):  # the drained replica's call, not the chore's
-            calls += 1
-        if calls == 1 and not restarted:
+        if not kwargs.get("wait"):
+            return 0  # the chore's polls find nothing: the deletion is left to the last step
+        calls += 1
+        if calls == 1:
             postgres_server.kill()
             restarted.append(asyncio.create_task(restart_soon()))
         return await run_pending(*args, **kwargs)
@@ -145,6 +145,46 @@ async def test_a_drained_replica_waits_out_an_outage_before_its_last_deletions(
     finally:
         await conn.close()
     assert await redis.xlen(f"{settings.live_stream}:dlq") == 0
+
+
+async def test_a_stop_during_that_outage_leaves_the_deletion_pending(
+    settings, redis, drain, postgres_server, monkeypatch
+):
+    """Stopped while it waits the outage out, the drained replica exits without the deletion;
+    its fence stays pending for the next start, which runs it."""
+    await push(redis, settings.live_stream, _world())
+    await drain()
+    await push(redis, settings.live_stream, [account(1, "deleted")])
+    replica = Replica(settings, registry(), Metrics())
+    run_pending = replica.deletions.run_pending
+    failed = asyncio.Event()
+
+    async def down(*args: Any, **kwargs: Any) -> int:
+        if not kwargs.get("wait"):
+            return 0  # the chore's polls find nothing: the deletion is left to the last step
+        postgres_server.kill()
+        try:
+            return await run_pending(*args, **kwargs)
+        finally:
+            failed.set()
+
+    monkeypatch.setattr(replica.deletions, "run_pending", down)
+    run = asyncio.create_task(replica.run(drain=True))
+    try:
+        await asyncio.wait_for(failed.wait(), 30)
+        replica.stop()
+        await asyncio.wait_for(run, 10)  # PostgreSQL is still down
+    finally:
+        await asyncio.to_thread(postgres_server.restart)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM account_fence WHERE pending") == 1
+        assert await _records_of(conn, 1) > 0
+        await drain()  # the next start
+        assert await conn.fetchval("SELECT count(*) FROM account_fence WHERE pending") == 0
+        assert await _records_of(conn, 1) == 0
+    finally:
+        await conn.close()
 
 
 async def test_deletion_removes_the_account_and_decrements_exactly(settings, redis, db, drain):
