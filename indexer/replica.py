@@ -158,7 +158,6 @@ class Replica:
         while not self._stop_requested.is_set():
             try:
                 await self.deletions.run_pending(self._stop_requested, wait=True)
-                return
             except Exception as exc:
                 reason = _retry_reason(exc)
                 if reason is None:
@@ -169,7 +168,11 @@ class Replica:
                 log.warning("pending account deletions not run (%s: %s); retry %d in %.2fs",
                             reason, exc, attempt, delay)  # fmt: skip
                 await _wait_for(self._stop_requested, delay)
-        log.warning("stopped with account deletions pending; the next start runs them")
+                continue
+            if not self._stop_requested.is_set():
+                return
+        log.warning("stopped before every pending account deletion was run; the next start "
+                    "runs the rest")  # fmt: skip
 
     async def _wait(self, workers: list[asyncio.Task[None]]) -> None:
         """Wait for the workers; after a stop request give them the grace period, then cancel."""
