@@ -159,14 +159,10 @@ class Replica:
             try:
                 await self.deletions.run_pending(self._stop_requested, wait=True)
             except Exception as exc:
-                reason = _retry_reason(exc)
-                if reason is None:
-                    raise
                 attempt += 1
-                self._metrics.retries.labels(reason).inc()
-                delay = _backoff(attempt, 0.05)
-                log.warning("pending account deletions not run (%s: %s); retry %d in %.2fs",
-                            reason, exc, attempt, delay)  # fmt: skip
+                delay = self._retry_after(exc, attempt, "pending account deletions not run")
+                if delay is None:
+                    raise
                 await _wait_for(self._stop_requested, delay)
                 continue
             if not self._stop_requested.is_set():
@@ -432,21 +428,22 @@ class Replica:
             try:
                 return await self._pipeline.process(entries)
             except Exception as exc:
-                reason = _retry_reason(exc)
-                if reason is None:
-                    raise
                 attempt += 1
-                self._metrics.retries.labels(reason).inc()
-                delay = _backoff(attempt, 0.05)
-                log.warning(
-                    "batch of %d not committed (%s: %s); retry %d in %.2fs",
-                    len(entries),
-                    reason,
-                    exc,
-                    attempt,
-                    delay,
-                )
+                delay = self._retry_after(exc, attempt, f"batch of {len(entries)} not committed")
+                if delay is None:
+                    raise
                 await asyncio.sleep(delay)
+
+    def _retry_after(self, exc: Exception, attempt: int, what: str) -> float | None:
+        """For contention or an outage: count and log it, and return the seconds to wait before
+        retry `attempt`. None for any other failure, which the caller raises."""
+        reason = _retry_reason(exc)
+        if reason is None:
+            return None
+        self._metrics.retries.labels(reason).inc()
+        delay = _backoff(attempt, 0.05)
+        log.warning("%s (%s: %s); retry %d in %.2fs", what, reason, exc, attempt, delay)
+        return delay
 
     async def _settle(self, outcome: Outcome) -> None:
         attempt = 0
