@@ -38,9 +38,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from bench.options import RESULTS_PATH
-from bench.procs import code_version, cpu_model, indexer_executable, mem_total_gib
+from bench.procs import code_version, cpu_model, indexer_env, indexer_executable, mem_total_gib
 from bench.report import append_results
-from indexer.config import ENVIRONMENT_VARIABLES
 from indexer.devservers import throwaway_postgres, throwaway_redis
 from indexer.events import normalize_line
 from indexer.migrate import migrate
@@ -171,13 +170,12 @@ async def _run(opts: argparse.Namespace, work: Path) -> Result:
         with throwaway_redis(work) as redis_server, throwaway_postgres(work) as pg:
             pg.create_database(DB)
             await migrate(pg.dsn(DB))
-            env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT_VARIABLES}
-            env |= {
+            env = indexer_env({
                 "REDIS_URL": redis_server.url, "DATABASE_URL": pg.dsn(DB),
                 "INDEXER_STREAMS": f"{LIVE},{BACKFILL}", "INDEXER_GROUP": GROUP,
                 "METRICS_PORT": "0", "PLC_URL": plc, "RELAY_URL": relay,
                 "INDEXER_BLOCK_MS": "100",
-            }  # fmt: skip
+            })  # fmt: skip
             client = aioredis.Redis.from_url(redis_server.url)
             try:
                 return await _measure(opts, env, records, client)

@@ -37,6 +37,7 @@ from bench.options import RESULTS_PATH, positive_count
 from bench.procs import (
     code_version,
     cpu_model,
+    indexer_env,
     indexer_executable,
     log_tail,
     log_warnings,
@@ -44,7 +45,6 @@ from bench.procs import (
     vm_hwm_kb,
 )
 from bench.report import append_results
-from indexer.config import ENVIRONMENT_VARIABLES
 from indexer.devservers import PG_TEST_SETTINGS, throwaway_postgres, throwaway_redis
 from indexer.events import normalize_line
 from indexer.migrate import migrate
@@ -149,11 +149,10 @@ async def measure(backlog: int, opts: argparse.Namespace, work: Path) -> Result:
         try:
             fill_s = await _fill(client, backlog, opts.seed, opts.accounts)
             redis_mib = int((await client.info("memory"))["used_memory"]) / 2**20
-            env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT_VARIABLES}
-            env |= {
+            env = indexer_env({
                 "REDIS_URL": redis_server.url, "DATABASE_URL": pg.dsn(),
                 "INDEXER_STREAMS": STREAM, "INDEXER_GROUP": GROUP, "METRICS_PORT": "0",
-            }  # fmt: skip
+            })  # fmt: skip
             log_path = work / f"replica-{backlog}.log"
             indexed, timed, seconds, peak = await _run_replica(env, client, opts.index, log_path)
         finally:

@@ -29,9 +29,15 @@ from multiprocessing.connection import Connection
 import redis.asyncio as aioredis
 
 from bench.options import RESULTS_PATH
-from bench.procs import code_version, cpu_model, indexer_executable, mem_total_gib, tree_cpu_s
+from bench.procs import (
+    code_version,
+    cpu_model,
+    indexer_env,
+    indexer_executable,
+    mem_total_gib,
+    tree_cpu_s,
+)
 from bench.report import append_results
-from indexer.config import ENVIRONMENT_VARIABLES
 from indexer.devservers import throwaway_redis
 from indexer.events import normalize_line
 from indexer.workload import generate
@@ -86,8 +92,7 @@ async def _measure(source: str, opts: argparse.Namespace, redis_url: str) -> Res
     client = aioredis.Redis.from_url(redis_url)
     try:
         url = await asyncio.to_thread(parent.recv)
-        env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT_VARIABLES}
-        env |= {"REDIS_URL": redis_url, "INDEXER_STREAMS": stream, "METRICS_PORT": "0"}
+        env = indexer_env({"REDIS_URL": redis_url, "INDEXER_STREAMS": stream, "METRICS_PORT": "0"})
         kind = "relay" if source == "relay-cbor" else "jetstream"
         args = [indexer_executable(), "ingest", kind, "--url", url]
         if kind == "jetstream":

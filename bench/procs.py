@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from indexer.config import ENVIRONMENT_VARIABLES
+
 PHASE_TIMEOUT_S = 3600.0
 POLL_S = 0.02
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -172,6 +174,13 @@ def find_server_pid(program: str, port: int) -> int | None:
         if words and Path(words[0]).name == program and any(str(port) in w for w in words):
             return int(entry)
     return None
+
+
+def indexer_env(settings: dict[str, str]) -> dict[str, str]:
+    """The environment of an `indexer` subprocess: ours without any indexer setting (a
+    developer's REDIS_URL must not leak into a benchmark), plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT_VARIABLES}
+    return env | settings
 
 
 def indexer_executable() -> str:

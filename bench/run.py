@@ -56,6 +56,7 @@ from bench.procs import (
     code_version,
     cpu_model,
     find_server_pid,
+    indexer_env,
     indexer_executable,
     ingest_file,
     log_warnings,
@@ -74,7 +75,6 @@ from bench.tables import (
 )
 from bench.waits import lock_wait_share, sample_waits, top_lock_waits
 from indexer import constants
-from indexer.config import ENVIRONMENT_VARIABLES
 from indexer.devservers import PostgresServer, RedisServer, throwaway_postgres, throwaway_redis
 from indexer.migrate import migrate
 from indexer.workload import DEFAULT_START_TIME_US, write_jsonl
@@ -140,19 +140,17 @@ class Bench:
 
     def env(self, db: str, stream: str) -> dict[str, str]:
         """The environment of an `indexer` subprocess: only our settings, none inherited."""
-        env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT_VARIABLES}
-        env.update(
-            REDIS_URL=self.redis_server.url,
-            DATABASE_URL=self.pg.dsn(db),
-            INDEXER_STREAMS=stream,
-            INDEXER_GROUP=GROUP,
-            INDEXER_BATCH_SIZE=str(self.opts.batch_size),
-            INDEXER_CONCURRENCY=str(self.opts.concurrency),
-            DB_POOL_SIZE=str(self.opts.pool_size),
-            METRICS_PORT="0",
-            INDEXER_BLOCK_MS=str(BLOCK_MS),
-        )
-        return env
+        return indexer_env({
+            "REDIS_URL": self.redis_server.url,
+            "DATABASE_URL": self.pg.dsn(db),
+            "INDEXER_STREAMS": stream,
+            "INDEXER_GROUP": GROUP,
+            "INDEXER_BATCH_SIZE": str(self.opts.batch_size),
+            "INDEXER_CONCURRENCY": str(self.opts.concurrency),
+            "DB_POOL_SIZE": str(self.opts.pool_size),
+            "METRICS_PORT": "0",
+            "INDEXER_BLOCK_MS": str(BLOCK_MS),
+        })  # fmt: skip
 
     async def prepare(self) -> None:
         """The migrated empty database (the template of every phase) and the workloads."""
