@@ -30,6 +30,7 @@ import uvloop
 
 from bench.tables import dump_tables, load_suffixed_copies
 from bench.waits import sample_waits
+from indexer import constants
 from indexer.config import load_settings
 from indexer.devservers import throwaway_postgres, throwaway_redis
 from indexer.ingest_file import ingest_file
@@ -167,7 +168,7 @@ def _settings(redis_url: str, dsn: str, stream: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--events", type=int, default=50_000)
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=constants.DEFAULT_BATCH_SIZE)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--grow", type=int, default=0, help="suffixed copies of a first pass")
     parser.add_argument("--seed", type=int, default=1)

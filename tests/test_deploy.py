@@ -135,6 +135,21 @@ def test_stop_grace_outlasts_the_replicas_own_grace():
         assert seconds > DEFAULT_SHUTDOWN_GRACE_S, (name, grace)
 
 
+def test_the_pending_alert_leaves_room_for_what_the_replicas_hold_by_default():
+    """`IndexerPendingGrowing` fires above a number of pending entries: the replicas of the
+    compose file, with their default settings, hold up to two batches per worker in hand (one
+    in flight, one read into its lane) without anything being wrong."""
+    compose = load_compose()
+    replicas = compose["services"]["indexer"]
+    settings = load_settings(replicas.get("environment", {}))
+    in_hand = int(replicas["deploy"]["replicas"]) * 2 * settings.concurrency * settings.batch_size
+    (rule,) = [r for r in alert_rules() if r["alert"] == "IndexerPendingGrowing"]
+    threshold = int(re.search(r"indexer_stream_pending\) > (\d+)", rule["expr"]).group(1))
+    assert threshold >= 2 * in_hand, (threshold, in_hand)
+    assert f"{in_hand:,} by" in " ".join(rule["annotations"]["description"].split())
+    assert f"past {threshold:,}" in rule["annotations"]["description"]
+
+
 def test_postgres_gets_its_connections_and_cache_from_the_env_file():
     def options(env: dict[str, str]) -> dict[str, str]:
         command = load_compose(env=env)["services"]["postgres"]["command"]
