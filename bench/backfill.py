@@ -37,9 +37,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from bench.options import RESULTS_PATH
 from bench.procs import code_version, cpu_model, indexer_env, indexer_executable, mem_total_gib
-from bench.report import append_results
+from bench.report import publish
 from indexer.devservers import throwaway_postgres, throwaway_redis
 from indexer.events import normalize_line
 from indexer.migrate import migrate
@@ -242,9 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.chmod(0o755)  # as root, the postgres user must reach the server directory inside
     result = asyncio.run(_run(opts, work))
     section = _markdown(opts, result)
-    print(section)
-    if not opts.no_write:
-        append_results(RESULTS_PATH, section)
+    publish(section, write=not opts.no_write)
     return 0
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from bench.ingest import XADD_BATCH, xadd_envelopes
-from bench.options import RESULTS_PATH, positive_count
+from bench.options import positive_count
 from bench.procs import (
     code_version,
     cpu_model,
@@ -44,7 +44,7 @@ from bench.procs import (
     mem_total_gib,
     vm_hwm_kb,
 )
-from bench.report import append_results
+from bench.report import publish
 from indexer.devservers import PG_TEST_SETTINGS, throwaway_postgres, throwaway_redis
 from indexer.events import normalize_line
 from indexer.migrate import migrate
@@ -226,9 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     shutil.rmtree(work)
     section = markdown(opts, results)
-    print(section)
-    if not opts.no_write:
-        append_results(RESULTS_PATH, section)
+    publish(section, write=not opts.no_write)
     return 0
 
 

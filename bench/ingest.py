@@ -28,7 +28,6 @@ from multiprocessing.connection import Connection
 
 import redis.asyncio as aioredis
 
-from bench.options import RESULTS_PATH
 from bench.procs import (
     code_version,
     cpu_model,
@@ -37,7 +36,7 @@ from bench.procs import (
     mem_total_gib,
     tree_cpu_s,
 )
-from bench.report import append_results
+from bench.report import publish
 from indexer.devservers import throwaway_redis
 from indexer.events import normalize_line
 from indexer.workload import generate
@@ -196,9 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     results = asyncio.run(_run(opts))
     section = _markdown(opts, results)
-    print(section)
-    if not opts.no_write:
-        append_results(RESULTS_PATH, section)
+    publish(section, write=not opts.no_write)
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench.options import Options
+from bench.options import RESULTS_PATH, Options
 from bench.procs import ReplicaStats
 from bench.tables import GROWN_MARK, WRITTEN_TABLES, CopyResult, Inspection
 
@@ -258,3 +258,10 @@ def append_results(path: Path, section: str) -> None:
         path.write_text(RESULTS_HEADER)
     with path.open("a") as out:
         out.write("\n" + section)
+
+
+def publish(section: str, *, write: bool) -> None:
+    """Print a tool's markdown section and, if `write`, append it to bench/RESULTS.md."""
+    print(section)
+    if write:
+        append_results(RESULTS_PATH, section)
