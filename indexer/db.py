@@ -66,17 +66,44 @@ def json_rows(types: tuple[str, ...], param: int = 1) -> str:
     return f"SELECT {values} FROM jsonb_array_elements(${param}::jsonb) AS r"
 
 
-def rows_json(rows: list[tuple[Any, ...]]) -> str:
-    """Rows as one JSON array of arrays, for `json_rows`.
+def rows_json(rows: list[tuple[Any, ...]]) -> bytes:
+    """Rows as one JSON array of arrays (UTF-8), for `json_rows`.
 
-    One text parameter instead of an array per column: asyncpg encodes arrays element by element
+    One parameter instead of an array per column: asyncpg encodes arrays element by element
     in Python, which cost the replica more than any other step of a batch; msgspec encodes the
-    whole batch at once. (Strings hold no NUL, which jsonb refuses: `indexer.normalize`.)
+    whole batch at once. It stays bytes on its way to the server (`_jsonb_encode`): decoded to
+    a str, one non-ASCII character made the whole batch's text four bytes a character, which
+    asyncpg then encoded back to UTF-8. (Strings hold no NUL, which jsonb refuses:
+    `indexer.normalize`.)
     """
     try:
-        return _rows_encoder.encode(rows).decode()
+        return _rows_encoder.encode(rows)
     except (UnicodeEncodeError, TypeError) as exc:  # a lone surrogate, a value of no JSON type
         raise BadRows(f"rows cannot be sent: {exc}") from None
+
+
+def _jsonb_encode(value: bytes | str) -> bytes:
+    """jsonb's binary format: a version byte, 1, then the JSON text in UTF-8."""
+    return b"\x01" + (value if isinstance(value, bytes) else value.encode())
+
+
+def _jsonb_decode(data: bytes) -> str:
+    return data[1:].decode()  # as asyncpg returns jsonb by default: the JSON text
+
+
+async def setup_connection(conn: Connection) -> None:
+    """What every connection that runs the indexer's statements needs: `rows_json` as jsonb."""
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", format="binary",
+        encoder=_jsonb_encode, decoder=_jsonb_decode,
+    )  # fmt: skip
+
+
+async def connect(dsn: str) -> Connection:
+    """One connection outside the pool (tools, tests) that can run the indexer's statements."""
+    conn = await asyncpg.connect(dsn)
+    await setup_connection(conn)
+    return conn
 
 
 class BadRows(ValueError):
@@ -109,6 +136,7 @@ class Database:
                 max_size=self._settings.db_pool_size,
                 command_timeout=300,
                 statement_cache_size=512,
+                init=setup_connection,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             url = mask_url(self._settings.database_url)

@@ -112,7 +112,7 @@ class EmbedRows:
             _blob(external.get("thumb")),
         ))  # fmt: skip
 
-    def params(self) -> list[str]:
+    def params(self) -> list[bytes]:
         """The rows of each table (TABLES order), as `insert_ctes` takes them."""
         return [rows_json(self.rows[table]) for table in TABLES]
 

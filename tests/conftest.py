@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from indexer.config import Settings
+from indexer.db import connect
 from indexer.devservers import (
     MissingPrerequisite,
     PostgresServer,
@@ -96,7 +97,7 @@ async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url)
     yield conn
     await conn.close()
 

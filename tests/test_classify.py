@@ -7,7 +7,17 @@ import msgspec
 import pytest
 from asyncpg.exceptions import _base
 
-from indexer.db import BadRows, is_contention, is_data_error, is_unavailable, rows_json
+from indexer.config import Settings
+from indexer.db import (
+    BadRows,
+    Database,
+    connect,
+    is_contention,
+    is_data_error,
+    is_unavailable,
+    json_rows,
+    rows_json,
+)
 
 
 def test_failures_are_classified():
@@ -34,3 +44,30 @@ def test_rows_json_round_trips_and_refuses_what_it_cannot_send_as_bad_data():
         with pytest.raises(BadRows) as caught:
             rows_json(bad)
         assert is_data_error(caught.value) and not is_unavailable(caught.value)
+
+
+_TEXTS = ("caf\u00e9 \U0001f389 \u65e5\u672c\u8a9e", "plain ascii", 'quote " back\\slash')
+
+
+async def test_rows_reach_the_server_as_utf8_jsonb_from_the_pool_and_from_connect(
+    settings: Settings,
+):
+    # rows_json stays bytes all the way (a binary jsonb codec on every connection): non-ASCII
+    # text, 4-byte characters included, arrives intact, and jsonb still reads back as text.
+    rows = [(t, n) for n, t in enumerate(_TEXTS)]
+    query = json_rows(("varchar", "int"))
+    expected = [tuple(r) for r in rows]
+    db = Database(settings)
+    await db.open()
+    try:
+        async with db.transaction() as conn:
+            assert [tuple(r) for r in await conn.fetch(query, rows_json(rows))] == expected
+            assert await conn.fetchval("SELECT $1::jsonb", '{"a": "\u00e9"}') == '{"a": "\u00e9"}'
+    finally:
+        await db.close()
+    conn = await connect(settings.database_url)
+    try:
+        assert [tuple(r) for r in await conn.fetch(query, rows_json(rows))] == expected
+        assert await conn.fetchval("SELECT '[1, 2]'::jsonb") == "[1, 2]"
+    finally:
+        await conn.close()

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from indexer.aggregates import Deltas
-from indexer.db import Database
+from indexer.db import Database, connect
 from indexer.guard import Change
 from indexer.locks import lock_changes
 from indexer.metrics import Metrics
@@ -540,7 +540,7 @@ async def _apply(conn: Any, plugin: Any, kind: str, op: Op) -> None:
 async def test_records_of_one_post_in_concurrent_transactions(database_url, db, pair):
     """Neither transaction sees the other's uncommitted row; the second waits for the first."""
     first, first_op, second, second_op, flag, post_uri = _concurrent_pair(pair)
-    one, two = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    one, two = await connect(database_url), await connect(database_url)
     try:
         tx_one, tx_two = one.transaction(), two.transaction()
         await tx_one.start()
@@ -566,7 +566,7 @@ async def test_post_delete_locks_before_touching_rows(database_url, db):
     p1, r1 = uri(1, POST, "p1"), uri(2, POST, "r1")
     async with db.transaction():  # r1 replies to p1 (not yet known), naming another root
         await _apply(db, posts, "insert", _op(posts, 2, "r1", reply(uri(9, POST, "x"), p1)))
-    one, two = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    one, two = await connect(database_url), await connect(database_url)
     try:
         tx_one, tx_two = one.transaction(), two.transaction()
         await tx_one.start()

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from indexer.db import connect
 from indexer.metrics import Metrics
 from indexer.pipeline import Entry, Pipeline
 from indexer.replica import Replica
@@ -54,7 +55,7 @@ class GatedDatabase:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
-        conn = await asyncpg.connect(self._url)
+        conn = await connect(self._url)
         try:
             async with conn.transaction():
                 yield _Paused(conn, self._pause_at, self)
