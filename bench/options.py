@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from indexer import constants
+from indexer.devservers import PG_TEST_LOCALE
 
 DEFAULT_CELEBRITY = 0.5
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
@@ -25,6 +26,7 @@ class Options:
     write: bool
     results: Path
     pg_settings: dict[str, str]
+    pg_locale: str
 
 
 def positive_count(text: str) -> int:
@@ -90,6 +92,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="a PostgreSQL server setting over the throwaway defaults (repeatable), "
         "e.g. shared_buffers=4GB",
     )
+    parser.add_argument(
+        "--pg-locale",
+        default=PG_TEST_LOCALE,
+        metavar="LOCALE",
+        help=f"the throwaway cluster's locale, so its collation (initdb --locale; default "
+        f"{PG_TEST_LOCALE}); e.g. en_US.UTF-8, the postgres image's, if the machine has it",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -104,4 +113,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         write=not args.no_write,
         results=args.results,
         pg_settings=dict(args.pg_setting),
+        pg_locale=args.pg_locale,
     )

@@ -32,7 +32,7 @@ from bench.tables import dump_tables, load_suffixed_copies
 from bench.waits import sample_waits
 from indexer import constants
 from indexer.config import load_settings
-from indexer.devservers import throwaway_postgres, throwaway_redis
+from indexer.devservers import PG_TEST_LOCALE, throwaway_postgres, throwaway_redis
 from indexer.ingest_file import ingest_file
 from indexer.metrics import Metrics
 from indexer.migrate import migrate
@@ -121,7 +121,10 @@ async def _drain(redis_url: str, dsn: str, stream: str, args: argparse.Namespace
 
 
 async def _main(args: argparse.Namespace, work: Path) -> None:
-    with throwaway_redis(work) as redis_server, throwaway_postgres(work) as pg:
+    with (
+        throwaway_redis(work) as redis_server,
+        throwaway_postgres(work, locale=args.pg_locale) as pg,
+    ):
         dsn = pg.dsn()
         await migrate(dsn)
         if args.grow:
@@ -172,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--grow", type=int, default=0, help="suffixed copies of a first pass")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--pg-locale", default=PG_TEST_LOCALE, help="initdb --locale")
     parser.add_argument(
         "--celebrity", type=float, default=0.0, help="share of likes and follows for one post"
     )

@@ -294,7 +294,9 @@ class Bench:
 
     async def machine(self) -> dict[str, str]:
         info = await self.redis.info("server")
-        shown: tuple[str, ...] = ("server_version", "shared_buffers", "fsync", "synchronous_commit")
+        shown: tuple[str, ...] = (
+            "server_version", "lc_collate", "shared_buffers", "fsync", "synchronous_commit",
+        )  # fmt: skip
         shown += tuple(n for n in self.opts.pg_settings if n not in shown)
         pg = {name: str(await self.admin(f"SHOW {name}")) for name in shown}
         return {
@@ -326,7 +328,7 @@ class Bench:
 async def _run(opts: Options, console: Console, work: Path) -> Report:
     with (
         throwaway_redis(work) as redis_server,
-        throwaway_postgres(work, opts.pg_settings) as pg,
+        throwaway_postgres(work, opts.pg_settings, opts.pg_locale) as pg,
     ):
         bench = Bench(opts, redis_server, pg, work, console)
         try:

@@ -42,8 +42,9 @@ POLL_INTERVAL_S = 0.05
 LOG_TAIL_LINES = 20
 UNIX_SOCKET_PATH_MAX = 107
 
-# --no-sync: a throwaway cluster need not survive a power cut.
-INITDB_OPTIONS = ("--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync")
+# --no-sync: a throwaway cluster need not survive a power cut. The locale is initdb's --locale.
+INITDB_OPTIONS = ("--auth=trust", "--encoding=UTF8", "--no-sync")
+PG_TEST_LOCALE = "C"
 
 # Fast where it is safe to be: a crash of the machine may corrupt the cluster (fsync=off), but a
 # kill -9 of the server loses no committed transaction (synchronous_commit stays on), so tests
@@ -261,9 +262,12 @@ class PostgresServer:
     in a data directory that user owns.
     """
 
-    def __init__(self, workdir: Path, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, settings: dict[str, str] | None = None, locale: str = PG_TEST_LOCALE
+    ) -> None:
         self.workdir = Path(workdir)
         self.settings = PG_TEST_SETTINGS | (settings or {})  # server `-c` options
+        self.locale = locale  # the cluster's, so its databases' collation: initdb --locale
         self._port = free_port()
         self._process = _Process("postgres", self.workdir / "postgres.log")
         self._account: pwd.struct_passwd | None = None
@@ -366,6 +370,7 @@ class PostgresServer:
 
     def _initdb(self, pgdata: Path) -> None:
         argv = [find_binary("initdb"), "-D", str(pgdata), "-U", PG_SUPERUSER, *INITDB_OPTIONS]
+        argv.append(f"--locale={self.locale}")
         with self._process.log_path.open("ab") as log_file:
             result = subprocess.run(
                 argv,
@@ -496,13 +501,13 @@ def throwaway_redis(
 
 @contextlib.contextmanager
 def throwaway_postgres(
-    base: Path | None = None, settings: dict[str, str] | None = None
+    base: Path | None = None, settings: dict[str, str] | None = None, locale: str = PG_TEST_LOCALE
 ) -> Iterator[PostgresServer]:
     """A started PostgresServer in a fresh temporary directory, stopped and deleted on exit;
-    `settings` override PG_TEST_SETTINGS."""
+    `settings` override PG_TEST_SETTINGS, `locale` is the cluster's (initdb --locale)."""
     workdir = Path(tempfile.mkdtemp(prefix="firehose-pg-", dir=base))
     workdir.chmod(0o755)  # mkdtemp makes it 0700; as root, the postgres user must get through
-    server = PostgresServer(workdir, settings)
+    server = PostgresServer(workdir, settings, locale)
     try:
         server.start()
         yield server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -17,6 +18,15 @@ log = logging.getLogger(__name__)
 VERSION_TABLE = "indexer_schema_version"
 _LOCK_ID = 0x1DE8_0001  # pg_advisory_lock key: one migrator at a time
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+# PostgreSQL compares text bytewise only under the collation C (or POSIX, or PostgreSQL 17's
+# builtin provider); under any other locale every comparison in an index on a uri or a did goes
+# through the C library's or ICU's collation. One replica on a database made with en_US.UTF-8,
+# the postgres image's default, indexed at 0.62 to 0.72 of the rate on one made with C, and
+# C.UTF-8 at 0.91 to 0.93 (bench/RESULTS.md, 2026-12-06, eighth pass).
+_FAST_COLLATIONS = frozenset({"C", "POSIX"})
+_DATABASE = "SELECT row_to_json(d)::text FROM pg_database d WHERE datname = current_database()"
 
 
 class SchemaNotReady(RuntimeError):
@@ -69,6 +79,23 @@ async def pending(conn: asyncpg.Connection) -> list[Migration]:
     return [m for m in load_migrations() if m.version not in done]
 
 
+async def collation_warning(conn: asyncpg.Connection) -> str | None:
+    """A line for the log when the database's collation slows every text index, else None."""
+    row = json.loads(await conn.fetchval(_DATABASE))
+    provider = row.get("datlocprovider", "c")
+    if provider == "b" or (provider == "c" and row["datcollate"] in _FAST_COLLATIONS):
+        return None
+    collation = (
+        row["datcollate"] if provider == "c" else row.get("datlocale") or row.get("daticulocale")
+    )
+    return (
+        f"database {row['datname']!r} collates text with {collation!r} "
+        f"({'libc' if provider == 'c' else 'ICU'}), not C: every index probe on a uri or a did "
+        "compares through the locale, and one replica indexed at 0.62 to 0.72 of the rate with "
+        "C. New databases: LC_COLLATE 'C' (docs/operations.md, 'The database's collation')"
+    )
+
+
 async def migrate(database_url: str) -> list[str]:
     """Apply every pending migration; return the names applied (empty when up to date)."""
     try:
@@ -93,6 +120,8 @@ async def migrate(database_url: str) -> list[str]:
                 )
             log.info("applied migration %s", migration.name)
             applied.append(migration.name)
+        if warning := await collation_warning(conn):
+            log.warning("%s", warning)
         return applied
     finally:
         await conn.close()

@@ -16,7 +16,7 @@ from redis.exceptions import BusyLoadingError, RedisError
 
 from indexer.config import Settings, mask_url
 from indexer.db import Database, is_unavailable
-from indexer.migrate import SchemaNotReady
+from indexer.migrate import SchemaNotReady, collation_warning
 from indexer.migrate import pending as pending_migrations
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,10 @@ async def wait_for_postgres(
                 await db.open()
             async with db.connection() as conn:
                 missing = await pending_migrations(conn)
+                warning = None if missing else await collation_warning(conn)
             if not missing:
+                if warning:
+                    log.warning("%s", warning)
                 return True
             names = ", ".join(m.name for m in missing)
             problem: Exception = SchemaNotReady(

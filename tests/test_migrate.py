@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import asyncpg
 
+from indexer.db import Database
 from indexer.migrate import VERSION_TABLE, load_migrations, migrate
+from indexer.startup import wait_for_postgres
+from tests.deployment import load_compose
 
 DATA = Path(__file__).parent / "data"
 
@@ -61,3 +65,56 @@ def test_cli_migrate_and_unreachable_database(postgres_server):
     assert failed.stderr.startswith("error: cannot connect to postgresql://u:***@127.0.0.1:1/x")
     assert "s3cret" not in failed.stderr + failed.stdout
     assert "Traceback" not in failed.stderr
+
+
+async def _database_collated(postgres_server, name: str, collate: str) -> str:
+    """A new database, `collate` its LC_COLLATE, C.UTF-8 (Debian's, always there) its LC_CTYPE."""
+    admin = await asyncpg.connect(postgres_server.dsn())
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        await admin.execute(
+            f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' "
+            f"LC_COLLATE '{collate}' LC_CTYPE 'C.UTF-8'"
+        )
+    finally:
+        await admin.close()
+    return postgres_server.dsn(name)
+
+
+async def test_a_database_not_collated_c_is_warned_about_at_migrate_and_at_start(
+    postgres_server, settings, caplog
+):
+    dsn = await _database_collated(postgres_server, "collated_c_utf8", "C.UTF-8")
+    try:
+        with caplog.at_level(logging.WARNING, logger="indexer"):
+            await migrate(dsn)
+        (migrating,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert migrating.startswith(
+            "database 'collated_c_utf8' collates text with 'C.UTF-8' (libc)"
+        )
+        assert "LC_COLLATE 'C'" in migrating
+        caplog.clear()
+        database = Database(settings.replace(database_url=dsn))
+        try:
+            with caplog.at_level(logging.WARNING, logger="indexer"):
+                assert await wait_for_postgres(database, settings.replace(database_url=dsn))
+        finally:
+            await database.close()
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+            migrating
+        ]
+    finally:
+        postgres_server.drop_database("collated_c_utf8")
+
+
+async def test_the_compose_databases_collation_draws_no_warning(postgres_server, caplog):
+    args = load_compose()["services"]["postgres"]["environment"]["POSTGRES_INITDB_ARGS"]
+    (collate,) = [a.removeprefix("--lc-collate=") for a in args.split() if "collate" in a]
+    assert collate == "C"
+    dsn = await _database_collated(postgres_server, "collated_compose", collate)
+    try:
+        with caplog.at_level(logging.WARNING, logger="indexer"):
+            assert await migrate(dsn) == [m.name for m in load_migrations()]
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    finally:
+        postgres_server.drop_database("collated_compose")
