@@ -22,8 +22,8 @@ _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 # PostgreSQL compares text bytewise only under the collation C (or POSIX, or PostgreSQL 17's
 # builtin provider); under any other locale every comparison in an index on a uri or a did goes
-# through the C library's or ICU's collation. One replica on a database made with en_US.UTF-8,
-# the postgres image's default, indexed at 0.62 to 0.72 of the rate on one made with C, and
+# through the C library's or ICU's collation. On a database made with en_US.UTF-8, the postgres
+# image's default, the indexer ran at 0.56 to 0.81 of its rate on one made with C, and on
 # C.UTF-8 at 0.91 to 0.93 (bench/RESULTS.md, 2026-12-06, eighth pass).
 _FAST_COLLATIONS = frozenset({"C", "POSIX"})
 _DATABASE = "SELECT row_to_json(d)::text FROM pg_database d WHERE datname = current_database()"
@@ -91,8 +91,8 @@ async def collation_warning(conn: asyncpg.Connection) -> str | None:
     return (
         f"database {row['datname']!r} collates text with {collation!r} "
         f"({'libc' if provider == 'c' else 'ICU'}), not C: every index probe on a uri or a did "
-        "compares through the locale, and one replica indexed at 0.62 to 0.72 of the rate with "
-        "C. New databases: LC_COLLATE 'C' (docs/operations.md, 'The database's collation')"
+        "compares through the locale, and the indexer ran at 0.56 to 0.81 of its rate with C. "
+        "New databases: LC_COLLATE 'C' (docs/operations.md, 'The database's collation')"
     )
 
 
