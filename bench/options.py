@@ -44,7 +44,7 @@ def _share(text: str) -> float:
     return value
 
 
-def _setting(text: str) -> tuple[str, str]:
+def pg_setting(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip() or not value.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -85,7 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument(
         "--pg-setting",
-        type=_setting,
+        type=pg_setting,
         action="append",
         default=[],
         metavar="NAME=VALUE",

@@ -28,10 +28,12 @@ from typing import Any
 import asyncpg
 import uvloop
 
+from bench.options import pg_setting
 from bench.tables import dump_tables, load_suffixed_copies
 from bench.waits import sample_waits
 from indexer import constants
 from indexer.config import load_settings
+from indexer.db import connect
 from indexer.devservers import PG_TEST_LOCALE, throwaway_postgres, throwaway_redis
 from indexer.ingest_file import ingest_file
 from indexer.metrics import Metrics
@@ -123,7 +125,7 @@ async def _drain(redis_url: str, dsn: str, stream: str, args: argparse.Namespace
 async def _main(args: argparse.Namespace, work: Path) -> None:
     with (
         throwaway_redis(work) as redis_server,
-        throwaway_postgres(work, locale=args.pg_locale) as pg,
+        throwaway_postgres(work, dict(args.pg_setting), args.pg_locale) as pg,
     ):
         dsn = pg.dsn()
         await migrate(dsn)
@@ -152,7 +154,9 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         waits: Counter[tuple[str, str]] = Counter()
         done = asyncio.Event()
         sampler = asyncio.create_task(sample_waits(dsn, waits, done, 0.01))
+        before = await _wal_and_checkpoints(dsn)
         wall = await _drain(redis_server.url, dsn, "profile_live", args)
+        after = await _wal_and_checkpoints(dsn)
         done.set()
         await sampler
         if profiler is not None:
@@ -160,8 +164,23 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
             text = profiler.output_text(unicode=False, color=False, show_all=True)
             await asyncio.to_thread(Path(args.pyinstrument).write_text, text)
         print(f"{args.events / wall:,.0f} events/s")
+        wal, checkpoints = (a - b for a, b in zip(after, before, strict=True))
+        print(f"WAL {wal / 2**20:,.0f} MiB, {checkpoints} checkpoint(s) during the drain")
         print(clock.report(wall, -(-args.events // args.batch_size)))
         print(_waits_report(waits))
+
+
+async def _wal_and_checkpoints(dsn: str) -> tuple[int, int]:
+    """Bytes of WAL written so far, and checkpoints started (timed or requested)."""
+    conn = await connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn AS wal, "
+            "checkpoints_timed + checkpoints_req AS checkpoints FROM pg_stat_bgwriter"
+        )
+    finally:
+        await conn.close()
+    return int(row["wal"]), int(row["checkpoints"])
 
 
 def _settings(redis_url: str, dsn: str, stream: str) -> Any:
@@ -176,6 +195,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--grow", type=int, default=0, help="suffixed copies of a first pass")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--pg-locale", default=PG_TEST_LOCALE, help="initdb --locale")
+    parser.add_argument(
+        "--pg-setting",
+        type=pg_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PostgreSQL server setting over the throwaway defaults (repeatable)",
+    )
     parser.add_argument(
         "--celebrity", type=float, default=0.0, help="share of likes and follows for one post"
     )
