@@ -91,8 +91,9 @@ async def collation_warning(conn: asyncpg.Connection) -> str | None:
     return (
         f"database {row['datname']!r} collates text with {collation!r} "
         f"({'libc' if provider == 'c' else 'ICU'}), not C: every index probe on a uri or a did "
-        "compares through the locale, and the indexer ran at 0.56 to 0.81 of its rate with C. "
-        "New databases: LC_COLLATE 'C' (docs/operations.md, 'The database's collation')"
+        "compares through the locale (measured against C: 0.56 to 0.81 of the rate on "
+        "en_US.UTF-8, 0.92 on C.UTF-8). New databases: LC_COLLATE 'C' (docs/operations.md, "
+        "'The database's collation')"
     )
 
 
