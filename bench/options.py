@@ -44,11 +44,31 @@ def _share(text: str) -> float:
     return value
 
 
-def pg_setting(text: str) -> tuple[str, str]:
+def _setting(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip() or not value.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     return key.strip(), value.strip()
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """--pg-setting and --pg-locale: the throwaway PostgreSQL cluster's settings and locale."""
+    parser.add_argument(
+        "--pg-setting",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a PostgreSQL server setting over the throwaway defaults (repeatable), "
+        "e.g. shared_buffers=4GB",
+    )
+    parser.add_argument(
+        "--pg-locale",
+        default=PG_TEST_LOCALE,
+        metavar="LOCALE",
+        help=f"the throwaway cluster's locale, so its collation (initdb --locale; default "
+        f"{PG_TEST_LOCALE}); e.g. en_US.UTF-8, the postgres image's, if the machine has it",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -83,22 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         const=0.0,
         help="skip the celebrity phases (--celebrity 0)",
     )
-    parser.add_argument(
-        "--pg-setting",
-        type=pg_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a PostgreSQL server setting over the throwaway defaults (repeatable), "
-        "e.g. shared_buffers=4GB",
-    )
-    parser.add_argument(
-        "--pg-locale",
-        default=PG_TEST_LOCALE,
-        metavar="LOCALE",
-        help=f"the throwaway cluster's locale, so its collation (initdb --locale; default "
-        f"{PG_TEST_LOCALE}); e.g. en_US.UTF-8, the postgres image's, if the machine has it",
-    )
+    add_server_options(parser)
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -28,13 +28,13 @@ from typing import Any
 import asyncpg
 import uvloop
 
-from bench.options import pg_setting
+from bench.options import add_server_options
 from bench.tables import dump_tables, load_suffixed_copies
 from bench.waits import sample_waits
 from indexer import constants
 from indexer.config import load_settings
 from indexer.db import connect
-from indexer.devservers import PG_TEST_LOCALE, throwaway_postgres, throwaway_redis
+from indexer.devservers import throwaway_postgres, throwaway_redis
 from indexer.ingest_file import ingest_file
 from indexer.metrics import Metrics
 from indexer.migrate import migrate
@@ -194,15 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--grow", type=int, default=0, help="suffixed copies of a first pass")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--pg-locale", default=PG_TEST_LOCALE, help="initdb --locale")
-    parser.add_argument(
-        "--pg-setting",
-        type=pg_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a PostgreSQL server setting over the throwaway defaults (repeatable)",
-    )
+    add_server_options(parser)
     parser.add_argument(
         "--celebrity", type=float, default=0.0, help="share of likes and follows for one post"
     )
