@@ -334,11 +334,16 @@ class PostgresServer:
             self._outside_root = None
             self._root = None
 
-    def create_database(self, name: str, template: str | None = None) -> None:
-        """CREATE DATABASE, optionally as a copy of `template` (which must have no sessions)."""
+    def create_database(
+        self, name: str, template: str | None = None, collate: str | None = None
+    ) -> None:
+        """CREATE DATABASE, optionally as a copy of `template` (which must have no sessions),
+        optionally with its own LC_COLLATE (from template0 only, as PostgreSQL requires)."""
         sql = f"CREATE DATABASE {_quote_ident(name)}"
         if template is not None:
             sql += f" TEMPLATE {_quote_ident(template)}"
+        if collate is not None:
+            sql += " LC_COLLATE '{}'".format(collate.replace("'", "''"))
         _run_sync(lambda: _execute(self.dsn(), sql))
 
     def drop_database(self, name: str) -> None:

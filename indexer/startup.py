@@ -107,11 +107,10 @@ async def wait_for_postgres(
                 await db.open()
             async with db.connection() as conn:
                 missing = await pending_migrations(conn)
-                warning = None if missing else await collation_warning(conn)
-            if not missing:
-                if warning:
-                    log.warning("%s", warning)
-                return True
+                if not missing:
+                    if warning := await collation_warning(conn):
+                        log.warning("%s", warning)
+                    return True
             names = ", ".join(m.name for m in missing)
             problem: Exception = SchemaNotReady(
                 f"database is not migrated ({names} pending): run `indexer migrate`"

@@ -67,24 +67,11 @@ def test_cli_migrate_and_unreachable_database(postgres_server):
     assert "Traceback" not in failed.stderr
 
 
-async def _database_collated(postgres_server, name: str, collate: str) -> str:
-    """A new database, `collate` its LC_COLLATE, C.UTF-8 (Debian's, always there) its LC_CTYPE."""
-    admin = await asyncpg.connect(postgres_server.dsn())
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
-        await admin.execute(
-            f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' "
-            f"LC_COLLATE '{collate}' LC_CTYPE 'C.UTF-8'"
-        )
-    finally:
-        await admin.close()
-    return postgres_server.dsn(name)
-
-
 async def test_a_database_not_collated_c_is_warned_about_at_migrate_and_at_start(
     postgres_server, settings, caplog
 ):
-    dsn = await _database_collated(postgres_server, "collated_c_utf8", "C.UTF-8")
+    postgres_server.create_database("collated_c_utf8", "template0", collate="C.UTF-8")
+    dsn = postgres_server.dsn("collated_c_utf8")
     try:
         with caplog.at_level(logging.WARNING, logger="indexer"):
             await migrate(dsn)
@@ -111,7 +98,8 @@ async def test_the_compose_databases_collation_draws_no_warning(postgres_server,
     args = load_compose()["services"]["postgres"]["environment"]["POSTGRES_INITDB_ARGS"]
     (collate,) = [a.removeprefix("--lc-collate=") for a in args.split() if "collate" in a]
     assert collate == "C"
-    dsn = await _database_collated(postgres_server, "collated_compose", collate)
+    postgres_server.create_database("collated_compose", "template0", collate=collate)
+    dsn = postgres_server.dsn("collated_compose")
     try:
         with caplog.at_level(logging.WARNING, logger="indexer"):
             assert await migrate(dsn) == [m.name for m in load_migrations()]
