@@ -31,7 +31,7 @@ import uvloop
 from bench.options import add_server_options
 from bench.tables import dump_tables, load_suffixed_copies
 from bench.waits import sample_waits
-from indexer import constants
+from indexer import constants, gcpolicy
 from indexer.config import load_settings
 from indexer.db import connect
 from indexer.devservers import throwaway_postgres, throwaway_redis
@@ -115,6 +115,7 @@ async def _drain(redis_url: str, dsn: str, stream: str, args: argparse.Namespace
         "INDEXER_BLOCK_MS": "100",
     }
     replica = Replica(load_settings(env), registry(), Metrics())
+    gcpolicy.tune()  # as `indexer run` does
     started, cpu = time.perf_counter(), time.process_time()
     await replica.run(drain=True)
     wall = time.perf_counter() - started

@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from indexer import constants
+from indexer import constants, gcpolicy
 from indexer.cli_backfill import backfill_app
 from indexer.cli_support import fail as _fail
 from indexer.cli_support import run as _run
@@ -167,6 +167,7 @@ async def _ingest(settings: Settings, source_name: str, cursor: int | None) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, ingester.stop)
     log.info("ingesting %s into %s", source.name, settings.live_stream)
+    gcpolicy.tune()
     async with serving(metrics.registry, ingester.health, settings.metrics_port):
         await ingester.run()
     saved = ingester.saved.cursor if ingester.saved else None
@@ -220,6 +221,7 @@ async def _replica(settings: Settings, drain: bool) -> None:
         ",".join(settings.streams),
         settings.group,
     )
+    gcpolicy.tune()
     async with serving(metrics.registry, replica.health, settings.metrics_port):
         await replica.run(drain=drain)
     log.info("replica %s stopped; %d events indexed", settings.consumer, replica.indexed)
