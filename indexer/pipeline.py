@@ -195,14 +195,17 @@ class Pipeline:
                 item.fenced = item.op.did in fenced and item.time <= fenced[item.op.did]
             changes = await apply_guard(conn, _collapse(items))  # and `record`
             await lock_changes(conn, self._plugins, changes)
+            # Per collection, in name order: the counted changes, then the uncounted (bulk).
+            by_collection: dict[str, tuple[list[Change], list[Change]]] = {}
             bulk = {id(i.op) for i in items if i.entry.stream in self._uncounted}
-            for collection in sorted({c.op.collection for c in changes}):
+            for change in changes:
+                counted, uncounted = by_collection.setdefault(change.op.collection, ([], []))
+                (uncounted if bulk and id(change.op) in bulk else counted).append(change)
+            for collection in sorted(by_collection):
                 plugin = self._plugins[collection]
-                mine = [c for c in changes if c.op.collection == collection]
-                counted = [c for c in mine if id(c.op) not in bulk]
+                counted, uncounted = by_collection[collection]
                 await _apply_plugin(conn, plugin, counted, deltas)
-                if len(counted) < len(mine):
-                    uncounted = [c for c in mine if id(c.op) in bulk]
+                if uncounted:
                     await _apply_plugin(conn, plugin, uncounted, Deltas())
             await deltas.apply(conn)
         outcome = _outcome(items, {id(c.op) for c in changes})
