@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from indexer import gcpolicy
 from indexer.cli_support import fail, run, state, with_redis
 from indexer.constants import BACKFILL_PAGE
 
@@ -64,6 +65,7 @@ def backfill_all(
     """Every repo RELAY_URL lists, skipping those already backfilled at that rev; resumable."""
     from indexer.backfill_run import Plan, backfill
 
+    gcpolicy.tune()
     result = run(backfill(state.settings, Plan(None, from_relay, page_size)))
     _report_backfill(result)
     if result.complete:
@@ -92,6 +94,7 @@ def _backfill_dids(dids: list[str], from_relay: bool) -> None:
     bad = [d for d in dids if not d.startswith(("did:plc:", "did:web:"))]
     if bad or not dids:
         fail(f"not a did:plc or did:web: {bad[0]!r}" if bad else "no DID given", 2)
+    gcpolicy.tune()
     result = run(backfill(state.settings, Plan(dids, from_relay)))
     _report_backfill(result)
     if result.progress.failed:

@@ -1,4 +1,4 @@
-"""The cyclic garbage collector's schedule for the long-running commands.
+"""The cyclic garbage collector's schedule for the long-running commands (run, ingest, backfill).
 
 CPython runs a young-generation collection every 700 container allocations by default. A replica
 allocates tens of objects per event (entries, decoded records, rows, statement arguments) and
