@@ -98,8 +98,6 @@ class UniqueTable:
             f'DELETE FROM "{table}" WHERE uri = ANY($1::varchar[]) '
             f'RETURNING {back}, "{key[0]}" AS _ka, "{key[1]}" AS _kb'
         )
-        # The records gone, whether originals (in the table) or duplicates: one round trip.
-        self._delete_records = f"WITH dup AS ({_DROP_DUPLICATES}) {self._delete}"
 
     async def insert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> Inserted:
         """Insert rows; say which went in, which conflict with an original, which to retry."""
@@ -137,8 +135,21 @@ class UniqueTable:
 
     async def remove_records(self, conn: Connection, uris: list[str]) -> list[Any]:
         """Delete records by uri from the table and from `duplicate_record`; return the table's
-        rows actually deleted."""
-        return list(await conn.fetch(self._delete_records, uris)) if uris else []
+        rows actually deleted.
+
+        A uri the table does not hold is a duplicate, or was one of the table's rows until a
+        batch that sorted before it took its place and recorded it as a duplicate: the delete
+        above then waited for that batch, whose `duplicate_record` row committed after the
+        delete's snapshot was taken. So duplicates are deleted by a statement of their own,
+        after it, for the uris it did not find (none, in the common case of originals).
+        """
+        if not uris:
+            return []
+        gone = await self.remove(conn, uris)
+        found = {r["uri"] for r in gone}
+        if rest := [u for u in uris if u not in found]:
+            await conn.execute(_DROP_DUPLICATES, rest)
+        return gone
 
 
 class UniquePlugin:

@@ -99,6 +99,23 @@ async def test_duplicate_recorded_while_its_original_is_deleted(database_url, db
     await assert_no_drift(db)
 
 
+async def test_original_demoted_while_a_concurrent_batch_deletes_it(database_url, db):
+    """A's l1 sorts first and takes l5's place, recording l5 as its duplicate; B deletes l5 and
+    waits at the row A removed. B's delete found no row to remove, and A's duplicate row for l5
+    was committed after B's statement began: B must still remove it."""
+    plain, _ = await _pipeline(database_url)
+    await plain.process(_batch(create(3, LIKE, "l5", like_record(P1), 10)))
+    held, gate = await _pipeline(database_url, hold_commit=True)
+    a = asyncio.create_task(held.process(_batch(create(3, LIKE, "l1", like_record(P1), 15))))
+    await gate.before_commit.wait()  # l5 demoted to a duplicate of l1, not yet committed
+    b = asyncio.create_task(plain.process(_batch(delete(3, LIKE, "l5", 16))))
+    await asyncio.sleep(0.3)  # B's rev guard took l5; its delete waits for A
+    gate.release.set()
+    await asyncio.gather(a, b)
+    assert await _state(db) == (["l1"], [], 1)
+    await assert_no_drift(db)
+
+
 async def test_original_deleted_between_insert_and_lookup(database_url, db):
     plain, _ = await _pipeline(database_url)
     await plain.process(_batch(create(3, LIKE, "l1", like_record(P1), 10)))
