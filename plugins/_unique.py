@@ -138,10 +138,10 @@ class UniqueTable:
         rows actually deleted.
 
         A uri the table does not hold is a duplicate, or was one of the table's rows until a
-        batch that sorted before it took its place and recorded it as a duplicate: the delete
-        above then waited for that batch, whose `duplicate_record` row committed after the
-        delete's snapshot was taken. So duplicates are deleted by a statement of their own,
-        after it, for the uris it did not find (none, in the common case of originals).
+        batch whose record sorts before it took its place and recorded it as a duplicate: the
+        table's delete then waited for that batch, whose `duplicate_record` row committed after
+        the delete's snapshot was taken. So duplicates are deleted by a statement of their own,
+        after the table's, for the uris it did not find (none, when all were originals).
         """
         if not uris:
             return []
