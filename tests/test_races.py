@@ -85,16 +85,27 @@ async def _pipeline(url: str, **gate: Any) -> tuple[Pipeline, GatedDatabase]:
     return Pipeline(database, registry()), database  # type: ignore[arg-type]
 
 
+async def _while_held(url: str, held: list[Entry], other: list[Entry]) -> None:
+    """`held` runs up to its commit and waits there; `other` starts meanwhile (and may wait for
+    it); after 0.3 s `held` commits, and both finish."""
+    plain, _ = await _pipeline(url)
+    paused, gate = await _pipeline(url, hold_commit=True)
+    first = asyncio.create_task(paused.process(held))
+    await gate.before_commit.wait()
+    second = asyncio.create_task(plain.process(other))
+    await asyncio.sleep(0.3)
+    gate.release.set()
+    await asyncio.gather(first, second)
+
+
 async def test_duplicate_recorded_while_its_original_is_deleted(database_url, db):
     plain, _ = await _pipeline(database_url)
     await plain.process(_batch(create(3, LIKE, "l1", like_record(P1), 10)))
-    held, gate = await _pipeline(database_url, hold_commit=True)
-    b = asyncio.create_task(held.process(_batch(create(3, LIKE, "l5", like_record(P1), 15))))
-    await gate.before_commit.wait()  # l5 recorded as a duplicate of l1, not yet committed
-    a = asyncio.create_task(plain.process(_batch(delete(3, LIKE, "l1", 16))))
-    await asyncio.sleep(0.3)
-    gate.release.set()
-    await asyncio.gather(a, b)
+    await _while_held(
+        database_url,
+        _batch(create(3, LIKE, "l5", like_record(P1), 15)),  # l5 a duplicate of l1, held
+        _batch(delete(3, LIKE, "l1", 16)),
+    )
     assert await _state(db) == (["l5"], [], 1)
     await assert_no_drift(db)
 
@@ -105,13 +116,11 @@ async def test_original_demoted_while_a_concurrent_batch_deletes_it(database_url
     was committed after B's statement began: B must still remove it."""
     plain, _ = await _pipeline(database_url)
     await plain.process(_batch(create(3, LIKE, "l5", like_record(P1), 10)))
-    held, gate = await _pipeline(database_url, hold_commit=True)
-    a = asyncio.create_task(held.process(_batch(create(3, LIKE, "l1", like_record(P1), 15))))
-    await gate.before_commit.wait()  # l5 demoted to a duplicate of l1, not yet committed
-    b = asyncio.create_task(plain.process(_batch(delete(3, LIKE, "l5", 16))))
-    await asyncio.sleep(0.3)  # B's rev guard took l5; its delete waits for A
-    gate.release.set()
-    await asyncio.gather(a, b)
+    await _while_held(
+        database_url,
+        _batch(create(3, LIKE, "l1", like_record(P1), 15)),  # l5 demoted to l1's duplicate
+        _batch(delete(3, LIKE, "l5", 16)),  # its rev guard takes l5; its delete waits for A
+    )
     assert await _state(db) == (["l1"], [], 1)
     await assert_no_drift(db)
 
@@ -137,13 +146,11 @@ async def test_promoted_duplicate_deleted_by_a_concurrent_batch(database_url, db
         )
     )
     assert await _state(db) == (["l1"], [("l5", "l1")], 1)
-    held, gate = await _pipeline(database_url, hold_commit=True)
-    a = asyncio.create_task(held.process(_batch(delete(3, LIKE, "l1", 20))))
-    await gate.before_commit.wait()  # l5 promoted, not yet committed
-    b = asyncio.create_task(plain.process(_batch(delete(3, LIKE, "l5", 21))))
-    await asyncio.sleep(0.3)
-    gate.release.set()
-    await asyncio.gather(a, b)
+    await _while_held(
+        database_url,
+        _batch(delete(3, LIKE, "l1", 20)),  # l5 promoted, held
+        _batch(delete(3, LIKE, "l5", 21)),
+    )
     assert await _state(db) == ([], [], 0)
     await assert_no_drift(db)
 
@@ -249,13 +256,11 @@ async def test_promotion_waits_for_a_concurrent_move_of_the_heir(database_url, d
     """B moves duplicate l5 to another post and holds its commit; A deletes the original l1."""
     plain, _ = await _pipeline(database_url)
     await plain.process(_likes(("l1", P1), ("l2", Q1), ("l5", P1), ("l7", P1)))
-    held, gate = await _pipeline(database_url, hold_commit=True)
-    b = asyncio.create_task(held.process(_batch(_move("l5", Q1, 21))))
-    await gate.before_commit.wait()
-    a = asyncio.create_task(plain.process(_batch(delete(3, LIKE, "l1", 20))))
-    await asyncio.sleep(0.3)  # A has deleted l1 and waits on l5's rev-guard row
-    gate.release.set()
-    await asyncio.gather(a, b)
+    await _while_held(
+        database_url,
+        _batch(_move("l5", Q1, 21)),
+        _batch(delete(3, LIKE, "l1", 20)),  # deletes l1, then waits on l5's rev-guard row
+    )
     assert await _pairs(db) == ([("l2", "q1"), ("l7", "p1")], [("l5", "l2")], {"p1": 1, "q1": 1})
     await assert_no_drift(db)
 
