@@ -52,6 +52,16 @@ class PhaseResult:
     def ratio(self) -> float:
         return self.rate / self.copy_rate
 
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of the replicas, PostgreSQL (all its processes) and Redis."""
+        return sum(r.cpu_s for r in self.replicas) + self.pg_cpu_s + self.redis_cpu_s
+
+    def cpu_bound(self, cores: int) -> float:
+        """Events/s if `cores` did nothing but this phase's work at its CPU cost per event: the
+        most the phase could reach on this machine without doing less work per event."""
+        return cores * self.events / self.cpu_s if self.cpu_s else 0.0
+
 
 @dataclass(slots=True)
 class GrownBase:
@@ -156,10 +166,27 @@ def _actors(p: PhaseResult | None) -> str:
     return "n/a" if p is None else f"{p.found.rows['actor']:,}"
 
 
+def _cpu_note(report: Report) -> str:
+    cores = int(report.machine.get("nproc") or 1)
+    per_phase = []
+    for p in report.phases.values():
+        bound = p.cpu_bound(cores)
+        per_phase.append(
+            f"{p.key} {p.cpu_s / p.events * 1e6:.0f} µs, {p.cpu_s / (cores * p.seconds):.0%} "
+            f"busy, bound {bound:,.0f} ({bound / p.copy_rate:.2f})"
+        )
+    return (
+        "CPU per event (indexer, PostgreSQL and Redis together), the share of the "
+        f"{cores} cores that was busy, and the events/s the {cores} cores would allow at that "
+        "cost per event if always busy (÷ COPY-eq events/s): " + "; ".join(per_phase)
+    )
+
+
 def _notes(report: Report) -> list[str]:
     ph = report.phases.get
     p1 = ph("p1")
     notes = [
+        _cpu_note(report),
         f"2 replicas ÷ 1 replica: empty {_ratio(ph('p2'), p1)}, grown {_ratio(ph('g2'), ph('g1'))}",
         f"grown ÷ empty: 1 replica {_ratio(ph('g1'), p1)}, 2 replicas "
         f"{_ratio(ph('g2'), ph('p2'))}, COPY {_ratio(ph('g1'), p1, copy=True)}",

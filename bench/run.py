@@ -17,7 +17,11 @@ Everything runs in one go on this machine, against throwaway Redis and PostgreSQ
    PostgreSQL's deadlock count for the phase's database (pg_stat_database) is read before and
    after, and its active backends are sampled every 20 ms (pg_stat_activity): the share of
    samples waiting for a lock (a row, a transaction) is reported, and in brackets the share
-   waiting so in the counter statement (post_agg and profile_agg rows);
+   waiting so in the counter statement (post_agg and profile_agg rows); the CPU seconds of the
+   replicas, of every PostgreSQL process (the sampler's backend included) and of Redis are
+   summed per event, and the notes give the share of the machine's cores they kept busy and
+   the events/s those cores would allow at that cost if they were always busy (÷ COPY-eq),
+   the most the phase could reach here without doing less work per event;
 3. a celebrity (indexer.workload's `celebrity`) takes --celebrity SHARE (default 0.5) of the
    likes, reposts and follows of an otherwise identical workload (same events, same seed), and
    phases 1 and 2 are repeated with it on empty tables, then with its control (`scatter`: the
