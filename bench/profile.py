@@ -2,15 +2,19 @@
 
     python -m bench.profile [--events N] [--batch-size B] [--concurrency C] [--grow COPIES]
                             [--celebrity SHARE [--scatter]] [--pyinstrument FILE]
+                            [--server-statements]
 
 One in-process replica (uvloop) drains a workload (indexer.workload) from a throwaway Redis into
 a throwaway migrated PostgreSQL, optionally after the tables were grown by COPIES suffixed
 copies of a first pass, and optionally with a celebrity taking SHARE of the likes, reposts and
 follows of the measured workload. Every statement's round trip is timed on the client
 (PostgreSQL's work, lock waits, the wire), grouped by statement; the rest of the wall time is
-the replica's own Python (decode, rows, asyncpg encoding) and Redis. A development tool: its
-figures are wall times on a shared machine, to compare statements with each other, not runs with
-runs.
+the replica's own Python (decode, rows, asyncpg encoding) and Redis. With --server-statements
+the cluster loads `pg_stat_statements`, and the server's side is printed too: each statement's
+execution time (its lock waits included; the round trip and the client not), rows and WAL
+records during the drain.
+A development tool: its figures are wall times on a shared machine, to compare statements with
+each other, not runs with runs.
 """
 
 from __future__ import annotations
@@ -43,6 +47,15 @@ from indexer.workload import DEFAULT_START_TIME_US, write_jsonl
 from plugins import registry
 
 _TIMED = ("execute", "fetch", "fetchval", "fetchrow", "executemany", "copy_records_to_table")
+_SAMPLER_TABLE = "pg_stat_activity"  # what bench.waits reads; not the replica's statement
+_STATEMENTS_LIBRARY = "pg_stat_statements"
+# The database's statements since the reset, the tools' own (pg_stat_*) left out.
+_SERVER_STATEMENTS = (
+    "SELECT calls, rows, total_exec_time AS exec_ms, total_plan_time AS plan_ms, wal_records, "
+    "regexp_replace(query, '\\s+', ' ', 'g') AS query FROM pg_stat_statements "
+    "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND query NOT LIKE '%pg\\_stat\\_%' ORDER BY total_exec_time DESC"
+)
 
 
 class StatementClock:
@@ -72,13 +85,16 @@ class StatementClock:
         return timed
 
     def report(self, wall_s: float, batches: int) -> str:
-        total = sum(self.seconds.values())
+        """The replica's statements by client-side time (the wait sampler's left out)."""
+        timed = {k: v for k, v in self.seconds.items() if _SAMPLER_TABLE not in k}
+        total = sum(timed.values())
+        calls = sum(self.calls[k] for k in timed)
         lines = [
             f"wall {wall_s:.2f} s, {batches} batches; statements {total:.2f} s "
-            f"({sum(self.calls.values()) / max(batches, 1):.1f} per batch)",
+            f"({calls / max(batches, 1):.1f} per batch)",
             f"{'seconds':>8} {'share':>6} {'calls':>7} {'ms/call':>8}  statement",
         ]
-        for key, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+        for key, seconds in sorted(timed.items(), key=lambda kv: -kv[1]):
             calls = self.calls[key]
             lines.append(
                 f"{seconds:8.2f} {seconds / total:6.1%} {calls:7d} "
@@ -104,6 +120,56 @@ def _waits_report(counts: Counter[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def server_report(rows: Sequence[Any], events: int, top: int = 25) -> str:
+    """Execution time per statement on the server (pg_stat_statements rows), per event and per
+    row, with the WAL records each wrote."""
+    executed = sum(r["exec_ms"] for r in rows) / 1000
+    planned = sum(r["plan_ms"] for r in rows) / 1000
+    lines = [
+        f"server: statements executed {executed:.2f} s ({executed / events * 1e6:.1f} µs per "
+        f"event), planned {planned:.2f} s; {len(rows)} statements",
+        f"{'exec s':>7} {'µs/event':>8} {'calls':>6} {'rows':>8} {'µs/row':>7} {'WAL recs':>9}"
+        "  statement",
+    ]
+    for r in rows[:top]:
+        us = r["exec_ms"] * 1000
+        per_row = f"{us / r['rows']:7.1f}" if r["rows"] else f"{'-':>7}"
+        lines.append(
+            f"{r['exec_ms'] / 1000:7.2f} {us / events:8.1f} {r['calls']:6d} {r['rows']:8d} "
+            f"{per_row} {r['wal_records']:9d}  {r['query'][:100]}"
+        )
+    return "\n".join(lines)
+
+
+async def _reset_statements(dsn: str) -> None:
+    conn = await connect(dsn)
+    try:
+        await conn.execute(f"CREATE EXTENSION IF NOT EXISTS {_STATEMENTS_LIBRARY}")
+        await conn.execute("SELECT pg_stat_statements_reset()")
+    finally:
+        await conn.close()
+
+
+async def _server_statements(dsn: str) -> list[Any]:
+    conn = await connect(dsn)
+    try:
+        return list(await conn.fetch(_SERVER_STATEMENTS))
+    finally:
+        await conn.close()
+
+
+def _with_statements_library(settings: dict[str, str]) -> dict[str, str]:
+    """The server settings with pg_stat_statements preloaded and tracking planning."""
+    loaded = [x.strip() for x in settings.get("shared_preload_libraries", "").split(",")]
+    loaded = [x for x in loaded if x]
+    if _STATEMENTS_LIBRARY not in loaded:
+        loaded.append(_STATEMENTS_LIBRARY)
+    return settings | {
+        "shared_preload_libraries": ",".join(loaded),
+        "pg_stat_statements.track_planning": "on",
+    }
+
+
 async def _drain(redis_url: str, dsn: str, stream: str, args: argparse.Namespace) -> float:
     env = {
         "REDIS_URL": redis_url,
@@ -126,7 +192,7 @@ async def _drain(redis_url: str, dsn: str, stream: str, args: argparse.Namespace
 async def _main(args: argparse.Namespace, work: Path) -> None:
     with (
         throwaway_redis(work) as redis_server,
-        throwaway_postgres(work, dict(args.pg_setting), args.pg_locale) as pg,
+        throwaway_postgres(work, _server_settings(args), args.pg_locale) as pg,
     ):
         dsn = pg.dsn()
         await migrate(dsn)
@@ -155,9 +221,12 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         waits: Counter[tuple[str, str]] = Counter()
         done = asyncio.Event()
         sampler = asyncio.create_task(sample_waits(dsn, waits, done, 0.01))
+        if args.server_statements:
+            await _reset_statements(dsn)
         before = await _wal_and_checkpoints(dsn)
         wall = await _drain(redis_server.url, dsn, "profile_live", args)
         after = await _wal_and_checkpoints(dsn)
+        statements = await _server_statements(dsn) if args.server_statements else None
         done.set()
         await sampler
         if profiler is not None:
@@ -169,6 +238,13 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         print(f"WAL {wal / 2**20:,.0f} MiB, {checkpoints} checkpoint(s) during the drain")
         print(clock.report(wall, -(-args.events // args.batch_size)))
         print(_waits_report(waits))
+        if statements is not None:
+            print(server_report(statements, args.events))
+
+
+def _server_settings(args: argparse.Namespace) -> dict[str, str]:
+    settings = dict(args.pg_setting)
+    return _with_statements_library(settings) if args.server_statements else settings
 
 
 async def _wal_and_checkpoints(dsn: str) -> tuple[int, int]:
@@ -206,6 +282,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--pyinstrument", help="write a pyinstrument text report here (pip install pyinstrument)"
+    )
+    parser.add_argument(
+        "--server-statements",
+        action="store_true",
+        help="also print the server's execution time, rows and WAL records per statement "
+        "(loads pg_stat_statements into the throwaway cluster)",
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="firehose-profile-") as work:
