@@ -58,8 +58,9 @@ class PhaseResult:
         return sum(r.cpu_s for r in self.replicas) + self.pg_cpu_s + self.redis_cpu_s
 
     def cpu_bound(self, cores: int) -> float:
-        """Events/s if `cores` did nothing but this phase's work at its CPU cost per event: the
-        most the phase could reach on this machine without doing less work per event."""
+        """Events/s if `cores` did nothing but this phase's work at its CPU cost per event: about
+        the most the phase could reach on this machine without doing less work per event (a
+        bound on the generous side: the cost per event measured rises as the cores get busier)."""
         return cores * self.events / self.cpu_s if self.cpu_s else 0.0
 
 
