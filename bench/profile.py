@@ -141,19 +141,14 @@ def server_report(rows: Sequence[Any], events: int, top: int = 25) -> str:
     return "\n".join(lines)
 
 
-async def _reset_statements(dsn: str) -> None:
+async def _query(dsn: str, *statements: str) -> list[Any]:
+    """Run the statements on a connection of their own; the last one's rows."""
     conn = await connect(dsn)
     try:
-        await conn.execute(f"CREATE EXTENSION IF NOT EXISTS {_STATEMENTS_LIBRARY}")
-        await conn.execute("SELECT pg_stat_statements_reset()")
-    finally:
-        await conn.close()
-
-
-async def _server_statements(dsn: str) -> list[Any]:
-    conn = await connect(dsn)
-    try:
-        return list(await conn.fetch(_SERVER_STATEMENTS))
+        rows: list[Any] = []
+        for statement in statements:
+            rows = list(await conn.fetch(statement))
+        return rows
     finally:
         await conn.close()
 
@@ -222,11 +217,15 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         done = asyncio.Event()
         sampler = asyncio.create_task(sample_waits(dsn, waits, done, 0.01))
         if args.server_statements:
-            await _reset_statements(dsn)
+            await _query(
+                dsn,
+                f"CREATE EXTENSION IF NOT EXISTS {_STATEMENTS_LIBRARY}",
+                "SELECT pg_stat_statements_reset()",
+            )
         before = await _wal_and_checkpoints(dsn)
         wall = await _drain(redis_server.url, dsn, "profile_live", args)
         after = await _wal_and_checkpoints(dsn)
-        statements = await _server_statements(dsn) if args.server_statements else None
+        statements = await _query(dsn, _SERVER_STATEMENTS) if args.server_statements else None
         done.set()
         await sampler
         if profiler is not None:
@@ -249,14 +248,11 @@ def _server_settings(args: argparse.Namespace) -> dict[str, str]:
 
 async def _wal_and_checkpoints(dsn: str) -> tuple[int, int]:
     """Bytes of WAL written so far, and checkpoints started (timed or requested)."""
-    conn = await connect(dsn)
-    try:
-        row = await conn.fetchrow(
-            "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn AS wal, "
-            "checkpoints_timed + checkpoints_req AS checkpoints FROM pg_stat_bgwriter"
-        )
-    finally:
-        await conn.close()
+    (row,) = await _query(
+        dsn,
+        "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn AS wal, "
+        "checkpoints_timed + checkpoints_req AS checkpoints FROM pg_stat_bgwriter",
+    )
     return int(row["wal"]), int(row["checkpoints"])
 
 
