@@ -60,7 +60,8 @@ class PhaseResult:
     def cpu_bound(self, cores: int) -> float:
         """Events/s if `cores` did nothing but this phase's work at its CPU cost per event: about
         the most the phase could reach on this machine without doing less work per event (a
-        bound on the generous side: the cost per event measured rises as the cores get busier)."""
+        bound on the generous side: the cost per event measured can rise as the cores get
+        busier)."""
         return cores * self.events / self.cpu_s if self.cpu_s else 0.0
 
 
