@@ -25,6 +25,9 @@ _rows_encoder = msgspec.json.Encoder()
 _DATA_CLASSES = ("22", "23", "54")
 # Contention between concurrent batches: retrying the whole transaction is the cure.
 _RETRY_STATES = ("40001", "40P01", "55P03")
+# The server gave up on a statement after a set time, or was asked to: 57014 (statement_timeout,
+# pg_cancel_backend) and 55P03 (lock_timeout). The same batch may outlast it again.
+_GAVE_UP_STATES = ("57014", "55P03")
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -41,6 +44,12 @@ def is_contention(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InvalidCachedStatementError):
         return True
     return getattr(exc, "sqlstate", None) in _RETRY_STATES
+
+
+def is_timed_out(exc: BaseException) -> bool:
+    """PostgreSQL canceled a statement: a timeout the database or role sets, or a cancel
+    request. Retried (it is contention or load, not bad data), but smaller batches may pass."""
+    return getattr(exc, "sqlstate", None) in _GAVE_UP_STATES
 
 
 def is_unavailable(exc: BaseException) -> bool:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from datetime import datetime
 
 from redis.exceptions import (
@@ -35,7 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from indexer.config import Settings
-from indexer.db import Database, is_contention, is_unavailable
+from indexer.db import Database, is_contention, is_timed_out, is_unavailable
 from indexer.deletion import AccountDeletions
 from indexer.health import Health
 from indexer.lanes import Lanes
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 _MAX_BACKOFF_S = 10.0
+_TIMEOUT_HINT = (
+    "; if this repeats, the statements wait on a lock held elsewhere or need a longer "
+    "statement_timeout (docs/operations.md, 'Timed-out batches')"
+)
 _SETTLE_DEADLINE_S = 5.0
 _MAX_SWEEP_INTERVAL_S = 30.0
 _HARD_DEADLINE_S = 10.0
@@ -400,34 +405,59 @@ class Replica:
     async def _handle(self, entries: list[Entry]) -> None:
         """Commit the batch, then ACK it. A cancellation before the commit rolls the batch back
         (it stays pending); the ACK after the commit is shielded, so a commit is never left
-        un-ACKed by a stop."""
+        un-ACKed by a stop.
+
+        A batch the server cancels for a timeout (a lock held elsewhere, a statement_timeout
+        too short for it) is retried as its halves, and those as theirs while they time out,
+        each part after the others, so every part that can commit does and only the entries
+        that keep timing out are left; the last of them is retried with backoff, alone."""
         if not entries:
             return
-        started = time.monotonic()
         for entry in entries:
             self._in_flight[entry.stream].add(entry.id)
+        parts = deque([entries])
         try:
-            outcome = await self._commit(entries)
-            self._observer.committed()
-            settle = asyncio.create_task(self._settle(outcome))
-            self._settling.add(settle)
-            settle.add_done_callback(self._settling.discard)
-            await asyncio.shield(settle)
+            while parts:
+                part = parts.popleft()
+                started = time.monotonic()
+                outcome = await self._commit(part, last=not parts)
+                if outcome is None:  # timed out: its halves (or itself) after the other parts
+                    half = -(-len(part) // 2)
+                    parts.extend(p for p in (part[:half], part[half:]) if p)
+                    continue
+                self._observer.committed()
+                settle = asyncio.create_task(self._settle(outcome))
+                self._settling.add(settle)
+                settle.add_done_callback(self._settling.discard)
+                await asyncio.shield(settle)
+                for entry in part:
+                    self._in_flight[entry.stream].discard(entry.id)
+                self.health.progressed()
+                self._metrics.batch_duration.observe(time.monotonic() - started)
+                self._metrics.batch_size.observe(len(part))
+                self._record(outcome)
         finally:
             for entry in entries:
                 self._in_flight[entry.stream].discard(entry.id)
-        self.health.progressed()
-        self._metrics.batch_duration.observe(time.monotonic() - started)
-        self._metrics.batch_size.observe(len(entries))
-        self._record(outcome)
 
-    async def _commit(self, entries: list[Entry]) -> Outcome:
-        """Process until committed: outages and contention are waited out, never dead-lettered."""
+    async def _commit(self, entries: list[Entry], *, last: bool = True) -> Outcome | None:
+        """Process until committed: outages and contention are waited out, never dead-lettered.
+        None when the server canceled a statement for a timeout and the entries can be split,
+        or other parts of their batch wait (`last` false); the caller retries them later."""
         attempt = 0
         while True:
             try:
                 return await self._pipeline.process(entries)
             except Exception as exc:
+                if is_timed_out(exc) and (len(entries) > 1 or not last):
+                    self._metrics.retries.labels("timeout").inc()
+                    log.warning(
+                        "batch of %d not committed (timeout: %s); %s",
+                        len(entries), exc,
+                        "retrying it as two batches" if len(entries) > 1
+                        else "retrying it after the rest of its batch",
+                    )  # fmt: skip
+                    return None
                 attempt += 1
                 delay = self._retry_after(exc, attempt, f"batch of {len(entries)} not committed")
                 if delay is None:
@@ -442,7 +472,8 @@ class Replica:
             return None
         self._metrics.retries.labels(reason).inc()
         delay = _backoff(attempt, 0.05)
-        log.warning("%s (%s: %s); retry %d in %.2fs", what, reason, exc, attempt, delay)
+        hint = _TIMEOUT_HINT if reason == "timeout" else ""
+        log.warning("%s (%s: %s); retry %d in %.2fs%s", what, reason, exc, attempt, delay, hint)
         return delay
 
     async def _settle(self, outcome: Outcome) -> None:
@@ -494,6 +525,8 @@ def _redis_transient(exc: BaseException) -> bool:
 
 
 def _retry_reason(exc: BaseException) -> str | None:
+    if is_timed_out(exc):
+        return "timeout"
     if is_contention(exc):
         return "contention"
     if is_unavailable(exc) or isinstance(exc, _REDIS_DOWN):

@@ -14,6 +14,7 @@ from indexer.db import (
     connect,
     is_contention,
     is_data_error,
+    is_timed_out,
     is_unavailable,
     json_rows,
     rows_json,
@@ -35,6 +36,11 @@ def test_failures_are_classified():
     assert is_contention(asyncpg.InvalidCachedStatementError("cached plan must not change"))
     assert not is_unavailable(asyncpg.UndefinedTableError("no table"))
     assert not is_data_error(asyncpg.UndefinedTableError("no table"))
+    # the server gave up on a statement: retried, and a batch is split (indexer.replica)
+    assert is_timed_out(asyncpg.QueryCanceledError("canceling statement due to statement timeout"))
+    assert is_timed_out(asyncpg.LockNotAvailableError("canceling statement due to lock timeout"))
+    assert not is_timed_out(asyncpg.DeadlockDetectedError("deadlock"))
+    assert not is_timed_out(asyncpg.AdminShutdownError("terminating connection"))
 
 
 def test_rows_json_round_trips_and_refuses_what_it_cannot_send_as_bad_data():

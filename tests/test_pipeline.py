@@ -329,3 +329,50 @@ async def test_two_replicas_on_the_workload_take_locks_in_one_order(settings, re
     ]
     assert retried == [None, None]  # no deadlock, no serialization failure
     await assert_no_drift(db)
+
+
+async def test_a_timed_out_batch_is_split_so_the_rest_commits_while_one_record_is_locked(
+    settings, redis, db, drain
+):
+    """A statement_timeout cancels the batch waiting on a record that another client holds
+    locked: the replica splits the batch until everything else has committed, retries the one
+    entry until the lock is gone, and dead-letters nothing."""
+    held = uri(1, LIKE, "held")
+    await push(
+        redis, settings.live_stream, [create(1, LIKE, "held", like_record(uri(9, POST, "p")), 10)]
+    )
+    assert await drain() == 1
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f"ALTER DATABASE \"{name}\" SET statement_timeout = '300ms'")  # new sessions
+    others = [
+        create(2 + n % 5, LIKE, f"l{n:03d}", like_record(uri(8, POST, f"p{n}")), 30 + n)
+        for n in range(63)
+    ]
+    metrics = Metrics()
+    replica = Replica(settings.replace(batch_size=64, concurrency=1), registry(), metrics)
+    lock = db.transaction()
+    await lock.start()
+    await db.execute("SELECT 1 FROM record_state WHERE uri = $1 FOR UPDATE", held)
+    await push(
+        redis, settings.live_stream, [*others[:31], delete(1, LIKE, "held", 20), *others[31:]]
+    )
+    run = asyncio.create_task(replica.run(drain=True))
+    try:
+        # every other entry commits while the delete of `held` waits for the lock
+        async def others_committed() -> bool:
+            return await db.fetchval('SELECT count(*) FROM "like" WHERE uri <> $1', held) == 63
+
+        await until(others_committed, within_s=30)
+        assert await db.fetchval('SELECT count(*) FROM "like" WHERE uri = $1', held) == 1
+        assert not run.done()
+        timeouts = metrics.registry.get_sample_value(
+            "indexer_batch_retries_total", {"reason": "timeout"}
+        )
+        assert timeouts is not None and timeouts >= 6  # 64 halved down to the one entry
+    finally:
+        await lock.rollback()
+        await asyncio.wait_for(run, 30)
+    assert await db.fetchval('SELECT count(*) FROM "like"') == 63  # `held` is deleted now
+    assert await redis.xlen(f"{settings.live_stream}:dlq") == 0
+    assert await group_backlog(redis, settings.live_stream, settings.group) == 0
+    await assert_no_drift(db)

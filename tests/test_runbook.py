@@ -188,12 +188,25 @@ async def test_the_runbook_commands_run_as_written(settings, redis, db):
     assert ran == {s for s, where in EXERCISED.items() if where == HERE}
 
 
-async def test_the_runbook_psql_query_runs(db: asyncpg.Connection):
-    [line] = [line for line in shell_blocks(RUNBOOK.read_text()) if " psql " in line]
-    words = shlex.split(line)
-    rows = await db.fetch(words[words.index("-c") + 1].replace("'bsky'", "current_database()"))
+async def test_the_runbook_psql_commands_run(db: asyncpg.Connection):
+    """Each psql command, on the test's database (compose's `bsky` and role `indexer` as
+    the test's own); the role change is rolled back."""
+    lines = [line for line in shell_blocks(RUNBOOK.read_text()) if " psql " in line]
+    sql = [shlex.split(line)[shlex.split(line).index("-c") + 1] for line in lines]
+    [activity] = [q for q in sql if "pg_stat_activity" in q]
+    rows = await db.fetch(activity.replace("'bsky'", "current_database()"))
     assert any(r["state"] == "active" for r in rows)  # this very query
     assert {"pid", "wait_event_type", "wait_event", "xact_age"} <= set(rows[0].keys())
+    [timeout] = [q for q in sql if "statement_timeout" in q]
+    config = "SELECT array_to_string(rolconfig, ',') FROM pg_roles WHERE rolname = current_user"
+    change = db.transaction()
+    await change.start()
+    try:
+        await db.execute(timeout.replace("ROLE indexer", "ROLE CURRENT_USER"))
+        assert await db.fetchval(config) == "statement_timeout=5min"
+    finally:
+        await change.rollback()
+    assert await db.fetchval(config) is None
 
 
 def test_the_runbook_redis_commands_show_what_it_says(tmp_path: Path):
