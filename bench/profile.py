@@ -2,7 +2,7 @@
 
     python -m bench.profile [--events N] [--batch-size B] [--concurrency C] [--grow COPIES]
                             [--celebrity SHARE [--scatter]] [--pyinstrument FILE]
-                            [--server-statements]
+                            [--server-statements] [--states]
 
 One in-process replica (uvloop) drains a workload (indexer.workload) from a throwaway Redis into
 a throwaway migrated PostgreSQL, optionally after the tables were grown by COPIES suffixed
@@ -12,7 +12,8 @@ follows of the measured workload. Every statement's round trip is timed on the c
 the replica's own Python (decode, rows, asyncpg encoding) and Redis. With --server-statements
 the cluster loads `pg_stat_statements`, and the server's side is printed too: each statement's
 execution time (its lock waits included; the round trip and the client not), rows and WAL
-records during the drain.
+records during the drain. With --states, who runs during the drain instead of the backends'
+wait events: the replica, PostgreSQL, both or neither (`bench.states`).
 A development tool: its figures are wall times on a shared machine, to compare statements with
 each other, not runs with runs.
 """
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
+import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -33,6 +36,9 @@ import asyncpg
 import uvloop
 
 from bench.options import add_server_options
+from bench.states import load as load_states
+from bench.states import parent_pid
+from bench.states import report as states_report
 from bench.tables import dump_tables, load_suffixed_copies
 from bench.waits import sample_waits
 from indexer import constants, gcpolicy
@@ -215,7 +221,10 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
             profiler.start()
         waits: Counter[tuple[str, str]] = Counter()
         done = asyncio.Event()
-        sampler = asyncio.create_task(sample_waits(dsn, waits, done, 0.01))
+        # With --states, the backends are read from /proc instead: a sampling connection
+        # would be one more backend among them.
+        sampler = None if args.states else asyncio.create_task(sample_waits(dsn, waits, done, 0.01))
+        states = await _start_states(dsn) if args.states else None
         if args.server_statements:
             await _query(
                 dsn,
@@ -224,10 +233,15 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
             )
         before = await _wal_and_checkpoints(dsn)
         wall = await _drain(redis_server.url, dsn, "profile_live", args)
+        if states is not None:
+            states.terminate()
+            output, _ = await states.communicate()
+            who_runs = states_report(load_states(output.decode()), os.cpu_count() or 1)
         after = await _wal_and_checkpoints(dsn)
         statements = await _query(dsn, _SERVER_STATEMENTS) if args.server_statements else None
         done.set()
-        await sampler
+        if sampler is not None:
+            await sampler
         if profiler is not None:
             profiler.stop()
             text = profiler.output_text(unicode=False, color=False, show_all=True)
@@ -236,9 +250,26 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         wal, checkpoints = (a - b for a, b in zip(after, before, strict=True))
         print(f"WAL {wal / 2**20:,.0f} MiB, {checkpoints} checkpoint(s) during the drain")
         print(clock.report(wall, -(-args.events // args.batch_size)))
-        print(_waits_report(waits))
+        if states is None:
+            print(_waits_report(waits))
+        else:
+            print(who_runs)
         if statements is not None:
             print(server_report(statements, args.events))
+
+
+async def _start_states(dsn: str) -> asyncio.subprocess.Process:
+    """`bench.states` sampling this process (the replica) and the database's backends."""
+    conn = await connect(dsn)
+    try:  # the backend's parent is the postmaster; read while the backend lives
+        pid, database = await conn.fetchrow("SELECT pg_backend_pid(), current_database()")
+        stat = await asyncio.to_thread(Path(f"/proc/{pid}/stat").read_text)
+    finally:
+        await conn.close()
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.states", str(os.getpid()), str(parent_pid(stat)), database,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
 
 
 def _server_settings(args: argparse.Namespace) -> dict[str, str]:
@@ -284,6 +315,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="also print the server's execution time, rows and WAL records per statement "
         "(loads pg_stat_statements into the throwaway cluster)",
+    )
+    parser.add_argument(
+        "--states",
+        action="store_true",
+        help="instead of the backends' wait events, who runs during the drain: the replica, "
+        "PostgreSQL, both or neither (bench.states, from /proc; Linux)",
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="firehose-profile-") as work:
