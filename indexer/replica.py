@@ -410,20 +410,25 @@ class Replica:
         A batch the server cancels for a timeout (a lock held elsewhere, a statement_timeout
         too short for it) is retried as its halves, and those as theirs while they time out,
         each part after the others, so every part that can commit does and only the entries
-        that keep timing out are left; the last of them is retried with backoff, alone."""
+        that keep timing out are left; they are retried with backoff."""
         if not entries:
             return
         for entry in entries:
             self._in_flight[entry.stream].add(entry.id)
-        parts = deque([entries])
+        parts = deque([(entries, 0)])  # (entries, timeouts of this part alone so far)
         try:
             while parts:
-                part = parts.popleft()
+                part, timeouts = parts.popleft()
+                if timeouts and all(n for _, n in parts):  # only parts that timed out are left
+                    await asyncio.sleep(_backoff(timeouts, 0.05))
                 started = time.monotonic()
                 outcome = await self._commit(part, last=not parts)
-                if outcome is None:  # timed out: its halves (or itself) after the other parts
-                    half = -(-len(part) // 2)
-                    parts.extend(p for p in (part[:half], part[half:]) if p)
+                if outcome is None:  # timed out: its halves, or itself, after the other parts
+                    if len(part) > 1:
+                        half = len(part) // 2
+                        parts.extend([(part[:half], 0), (part[half:], 0)])
+                    else:
+                        parts.append((part, timeouts + 1))
                     continue
                 self._observer.committed()
                 settle = asyncio.create_task(self._settle(outcome))

@@ -376,3 +376,52 @@ async def test_a_timed_out_batch_is_split_so_the_rest_commits_while_one_record_i
     assert await redis.xlen(f"{settings.live_stream}:dlq") == 0
     assert await group_backlog(redis, settings.live_stream, settings.group) == 0
     await assert_no_drift(db)
+
+
+async def test_entries_that_keep_timing_out_are_retried_with_backoff_not_back_to_back(
+    settings, redis, db, drain
+):
+    """Two records locked elsewhere and a lock_timeout of 50 ms: everything else commits, and
+    the two entries left take turns with growing pauses, not one attempt after the other."""
+    held = [uri(1, LIKE, f"h{n}") for n in range(2)]
+    first = [create(1, LIKE, f"h{n}", like_record(uri(9, POST, f"p{n}")), 10 + n) for n in range(2)]
+    await push(redis, settings.live_stream, first)
+    assert await drain() == 2
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f"ALTER DATABASE \"{name}\" SET lock_timeout = '50ms'")  # new sessions
+    others = [
+        create(2 + n % 5, LIKE, f"l{n:03d}", like_record(uri(8, POST, f"p{n}")), 30 + n)
+        for n in range(30)
+    ]
+    metrics = Metrics()
+    replica = Replica(settings.replace(batch_size=32, concurrency=1), registry(), metrics)
+
+    def timeouts() -> float:
+        value = metrics.registry.get_sample_value(
+            "indexer_batch_retries_total", {"reason": "timeout"}
+        )
+        return value or 0.0
+
+    lock = db.transaction()
+    await lock.start()
+    await db.execute("SELECT 1 FROM record_state WHERE uri = ANY($1) FOR UPDATE", held)
+    deletes = [delete(1, LIKE, f"h{n}", 20 + n) for n in range(2)]
+    await push(redis, settings.live_stream, [deletes[0], *others[:15], deletes[1], *others[15:]])
+    run = asyncio.create_task(replica.run(drain=True))
+    try:
+
+        async def others_committed() -> bool:
+            return await db.fetchval('SELECT count(*) FROM "like" WHERE uri <> ALL($1)', held) == 30
+
+        await until(others_committed, within_s=30)
+        before = timeouts()
+        await asyncio.sleep(3)
+        # back to back, at 50 ms an attempt, the two would time out about 60 times in 3 s
+        assert 2 <= timeouts() - before <= 20
+    finally:
+        await lock.rollback()
+        await asyncio.wait_for(run, 30)
+    assert await db.fetchval('SELECT count(*) FROM "like"') == 30  # both held ones deleted
+    assert await redis.xlen(f"{settings.live_stream}:dlq") == 0
+    assert await group_backlog(redis, settings.live_stream, settings.group) == 0
+    await assert_no_drift(db)
