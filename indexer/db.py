@@ -185,7 +185,8 @@ class Database:
         try:
             yield conn
         except BaseException as exc:
-            if is_unavailable(exc) or isinstance(exc, asyncpg.InternalClientError):
+            gone = is_unavailable(exc) and not is_timed_out(exc)  # a canceled one is fine
+            if gone or isinstance(exc, asyncpg.InternalClientError):
                 # The server went away mid-operation: never hand this connection out again
                 # (its protocol state may be mid-query); the pool opens a fresh one.
                 conn.terminate()

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from datetime import datetime
 
 from redis.exceptions import (
@@ -408,61 +407,71 @@ class Replica:
         un-ACKed by a stop.
 
         A batch the server cancels for a timeout (a lock held elsewhere, a statement_timeout
-        too short for it) is retried as its halves, and those as theirs while they time out,
-        each part after the others, so every part that can commit does and only the entries
-        that keep timing out are left; they are retried with backoff."""
+        too short for it) is retried in rounds: a part that timed out is tried again as its
+        halves (an entry alone as itself) in the next round, so the parts that can commit do
+        and the entries that keep timing out end up alone. After a round in which nothing
+        committed, the next waits, longer each time (up to 10 s)."""
         if not entries:
             return
         for entry in entries:
             self._in_flight[entry.stream].add(entry.id)
-        parts = deque([(entries, 0)])  # (entries, timeouts of this part alone so far)
+        parts, stalled = [entries], 0  # rounds in a row in which nothing committed
+        reason: Exception | None = None
         try:
-            while parts:
-                part, timeouts = parts.popleft()
-                if timeouts and all(n for _, n in parts):  # only parts that timed out are left
-                    await asyncio.sleep(_backoff(timeouts, 0.05))
-                started = time.monotonic()
-                outcome = await self._commit(part, last=not parts)
-                if outcome is None:  # timed out: its halves, or itself, after the other parts
-                    if len(part) > 1:
-                        half = len(part) // 2
-                        parts.extend([(part[:half], 0), (part[half:], 0)])
-                    else:
-                        parts.append((part, timeouts + 1))
-                    continue
-                self._observer.committed()
-                settle = asyncio.create_task(self._settle(outcome))
-                self._settling.add(settle)
-                settle.add_done_callback(self._settling.discard)
-                await asyncio.shield(settle)
-                for entry in part:
-                    self._in_flight[entry.stream].discard(entry.id)
-                self.health.progressed()
-                self._metrics.batch_duration.observe(time.monotonic() - started)
-                self._metrics.batch_size.observe(len(part))
-                self._record(outcome)
+            while True:
+                timed_out: list[list[Entry]] = []
+                for part in parts:
+                    started = time.monotonic()
+                    try:
+                        outcome = await self._commit(part)
+                    except Exception as exc:
+                        if not is_timed_out(exc):
+                            raise
+                        timed_out.append(part)
+                        reason = exc
+                        continue
+                    await self._acknowledge(part, outcome, started)
+                if not timed_out:
+                    return
+                stalled = stalled + 1 if len(timed_out) == len(parts) else 0
+                parts = [half for part in timed_out for half in _halves(part)]
+                delay = _backoff(stalled, 0.05) if stalled else 0.0
+                self._metrics.retries.labels("timeout").inc(len(timed_out))
+                log.warning(
+                    "%d of a batch of %d entries not committed (timeout: %s); "
+                    "retrying them as %d batch(es) in %.2fs%s",
+                    sum(map(len, timed_out)), len(entries), reason, len(parts), delay,
+                    _TIMEOUT_HINT if stalled else "",
+                )  # fmt: skip
+                await asyncio.sleep(delay)
         finally:
             for entry in entries:
                 self._in_flight[entry.stream].discard(entry.id)
 
-    async def _commit(self, entries: list[Entry], *, last: bool = True) -> Outcome | None:
+    async def _acknowledge(self, part: list[Entry], outcome: Outcome, started: float) -> None:
+        """ACK (and dead-letter) a committed part, and count it."""
+        self._observer.committed()
+        settle = asyncio.create_task(self._settle(outcome))
+        self._settling.add(settle)
+        settle.add_done_callback(self._settling.discard)
+        await asyncio.shield(settle)
+        for entry in part:
+            self._in_flight[entry.stream].discard(entry.id)
+        self.health.progressed()
+        self._metrics.batch_duration.observe(time.monotonic() - started)
+        self._metrics.batch_size.observe(len(part))
+        self._record(outcome)
+
+    async def _commit(self, entries: list[Entry]) -> Outcome:
         """Process until committed: outages and contention are waited out, never dead-lettered.
-        None when the server canceled a statement for a timeout and the entries can be split,
-        or other parts of their batch wait (`last` false); the caller retries them later."""
+        A timeout is raised: the caller splits the batch (`_handle`)."""
         attempt = 0
         while True:
             try:
                 return await self._pipeline.process(entries)
             except Exception as exc:
-                if is_timed_out(exc) and (len(entries) > 1 or not last):
-                    self._metrics.retries.labels("timeout").inc()
-                    log.warning(
-                        "batch of %d not committed (timeout: %s); %s",
-                        len(entries), exc,
-                        "retrying it as two batches" if len(entries) > 1
-                        else "retrying it after the rest of its batch",
-                    )  # fmt: skip
-                    return None
+                if is_timed_out(exc):
+                    raise
                 attempt += 1
                 delay = self._retry_after(exc, attempt, f"batch of {len(entries)} not committed")
                 if delay is None:
@@ -506,6 +515,12 @@ class Replica:
         if outcome.newest_time:
             newest = datetime.fromisoformat(outcome.newest_time.replace("Z", "+00:00"))
             self._metrics.indexed_event_time(newest.timestamp())
+
+
+def _halves(entries: list[Entry]) -> list[list[Entry]]:
+    """Two halves of a list of entries; one entry alone as itself."""
+    half = len(entries) // 2
+    return [entries[:half], entries[half:]] if half else [entries]
 
 
 def _backoff(attempt: int, first_s: float) -> float:

@@ -77,3 +77,22 @@ async def test_rows_reach_the_server_as_utf8_jsonb_from_the_pool_and_from_connec
         assert await conn.fetchval("SELECT '[1, 2]'::jsonb") == "[1, 2]"
     finally:
         await conn.close()
+
+
+async def test_a_timed_out_statement_leaves_its_connection_in_the_pool(settings: Settings):
+    # a canceled statement leaves the connection usable: the pool keeps it (an outage does not)
+    db = Database(settings.replace(db_pool_size=1))
+    await db.open()
+    try:
+        async with db.connection() as conn:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+        with pytest.raises(asyncpg.QueryCanceledError) as caught:
+            async with db.connection() as conn:
+                await conn.execute("SET statement_timeout = '10ms'")
+                await conn.execute("SELECT pg_sleep(1)")
+        assert is_timed_out(caught.value)
+        async with db.connection() as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+            assert await conn.fetchval("SHOW statement_timeout") == "0"  # reset on release
+    finally:
+        await db.close()

@@ -4,6 +4,7 @@ outputs the runbook describes. Its redis-cli, psql and compose commands are chec
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shlex
@@ -25,7 +26,7 @@ from tests.deployment import (
     shell_blocks,
 )
 from tests.helpers import LIKE, POST, create, like_record, post_record, push, uri
-from tests.observe import indexer, indexer_env
+from tests.observe import indexer, indexer_env, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,15 +189,33 @@ async def test_the_runbook_commands_run_as_written(settings, redis, db):
     assert ran == {s for s, where in EXERCISED.items() if where == HERE}
 
 
-async def test_the_runbook_psql_commands_run(db: asyncpg.Connection):
+async def test_the_runbook_psql_commands_run(db: asyncpg.Connection, database_url: str):
     """Each psql command, on the test's database (compose's `bsky` and role `indexer` as
     the test's own); the role change is rolled back."""
     lines = [line for line in shell_blocks(RUNBOOK.read_text()) if " psql " in line]
     sql = [shlex.split(line)[shlex.split(line).index("-c") + 1] for line in lines]
-    [activity] = [q for q in sql if "pg_stat_activity" in q]
+    assert len(sql) == 3
+    [activity] = [q for q in sql if "pg_stat_activity" in q and "blocking" not in q]
     rows = await db.fetch(activity.replace("'bsky'", "current_database()"))
     assert any(r["state"] == "active" for r in rows)  # this very query
     assert {"pid", "wait_event_type", "wait_event", "xact_age"} <= set(rows[0].keys())
+    [blocked] = [q for q in sql if "pg_blocking_pids" in q]
+    blocked = blocked.replace("'bsky'", "current_database()")
+    # a session waiting for a lock another one holds: the query names the holder
+    holder = await asyncpg.connect(database_url)
+    waiter = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("BEGIN; LOCK TABLE record_state IN EXCLUSIVE MODE")
+        holder_pid = await holder.fetchval("SELECT pg_backend_pid()")
+        wait_for_lock = waiter.execute("BEGIN; LOCK TABLE record_state IN SHARE MODE")
+        waiting = asyncio.create_task(wait_for_lock)
+        rows = await until(lambda: db.fetch(blocked))
+        assert [r["blocked_by"] for r in rows] == [[holder_pid]]
+        await holder.execute("ROLLBACK")
+        await waiting
+    finally:
+        await holder.close()
+        await waiter.close()
     [timeout] = [q for q in sql if "statement_timeout" in q]
     config = "SELECT array_to_string(rolconfig, ',') FROM pg_roles WHERE rolname = current_user"
     change = db.transaction()
