@@ -87,12 +87,12 @@ async def test_a_timed_out_statement_leaves_its_connection_in_the_pool(settings:
         async with db.connection() as conn:
             pid = await conn.fetchval("SELECT pg_backend_pid()")
         with pytest.raises(asyncpg.QueryCanceledError) as caught:
-            async with db.connection() as conn:
-                await conn.execute("SET statement_timeout = '10ms'")
+            async with db.transaction() as conn:  # as a batch: rolled back, then released
+                await conn.execute("SET LOCAL statement_timeout = '10ms'")
                 await conn.execute("SELECT pg_sleep(1)")
         assert is_timed_out(caught.value)
         async with db.connection() as conn:
             assert await conn.fetchval("SELECT pg_backend_pid()") == pid
-            assert await conn.fetchval("SHOW statement_timeout") == "0"  # reset on release
+            assert await conn.fetchval("SHOW statement_timeout") == "0"
     finally:
         await db.close()
