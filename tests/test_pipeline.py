@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from typing import Any
 
 import msgspec
 
@@ -331,39 +332,70 @@ async def test_two_replicas_on_the_workload_take_locks_in_one_order(settings, re
     await assert_no_drift(db)
 
 
+async def _index_with_records_locked(
+    settings, redis, db, drain, *, held: int, setting: str, others: int, batch_size: int
+) -> tuple[list[str], Metrics, Any, asyncio.Task[None]]:
+    """Index `held` likes; then set `setting` (`lock_timeout = '50ms'`) for new sessions of the
+    test's database, lock the held likes' guard rows in a transaction of `db`, push a delete of
+    each among `others` new likes, and start a replica on them. Returns the held likes' uris,
+    the replica's metrics, the lock's transaction and the replica's task."""
+    rkeys = [f"h{n}" for n in range(held)]
+    first = [
+        create(1, LIKE, k, like_record(uri(9, POST, f"p{n}")), 10 + n) for n, k in enumerate(rkeys)
+    ]
+    await push(redis, settings.live_stream, first)
+    assert await drain() == held
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f'ALTER DATABASE "{name}" SET {setting}')  # new sessions
+    entries = [
+        create(2 + n % 5, LIKE, f"l{n:03d}", like_record(uri(8, POST, f"p{n}")), 30 + n)
+        for n in range(others)
+    ]
+    for n, rkey in enumerate(rkeys):  # spread over the batch
+        entries.insert(n * (others // held + 1), delete(1, LIKE, rkey, 20 + n))
+    metrics = Metrics()
+    replica = Replica(settings.replace(batch_size=batch_size, concurrency=1), registry(), metrics)
+    uris = [uri(1, LIKE, k) for k in rkeys]
+    lock = db.transaction()
+    await lock.start()
+    await db.execute("SELECT 1 FROM record_state WHERE uri = ANY($1) FOR UPDATE", uris)
+    await push(redis, settings.live_stream, entries)
+    return uris, metrics, lock, asyncio.create_task(replica.run(drain=True))
+
+
+async def _until_the_others_committed(db, held: list[str], others: int) -> None:
+    async def committed() -> bool:
+        return await db.fetchval('SELECT count(*) FROM "like" WHERE uri <> ALL($1)', held) == others
+
+    await until(committed, within_s=30)
+
+
+def _timeouts(metrics: Metrics) -> float:
+    value = metrics.registry.get_sample_value("indexer_batch_retries_total", {"reason": "timeout"})
+    return value or 0.0
+
+
+async def _assert_all_indexed(settings, redis, db, likes: int) -> None:
+    """After the lock: the held likes deleted, the others there, nothing dead-lettered or left."""
+    assert await db.fetchval('SELECT count(*) FROM "like"') == likes
+    assert await redis.xlen(f"{settings.live_stream}:dlq") == 0
+    assert await group_backlog(redis, settings.live_stream, settings.group) == 0
+    await assert_no_drift(db)
+
+
 async def test_a_timed_out_batch_is_split_so_the_rest_commits_while_one_record_is_locked(
     settings, redis, db, drain
 ):
     """A statement_timeout cancels the batch waiting on a record that another client holds
-    locked: the replica splits the batch until everything else has committed, retries the one
-    entry until the lock is gone, and dead-letters nothing."""
-    held = uri(1, LIKE, "held")
-    await push(
-        redis, settings.live_stream, [create(1, LIKE, "held", like_record(uri(9, POST, "p")), 10)]
-    )
-    assert await drain() == 1
-    name = await db.fetchval("SELECT current_database()")
-    await db.execute(f"ALTER DATABASE \"{name}\" SET statement_timeout = '300ms'")  # new sessions
-    others = [
-        create(2 + n % 5, LIKE, f"l{n:03d}", like_record(uri(8, POST, f"p{n}")), 30 + n)
-        for n in range(63)
-    ]
-    metrics = Metrics()
-    replica = Replica(settings.replace(batch_size=64, concurrency=1), registry(), metrics)
-    lock = db.transaction()
-    await lock.start()
-    await db.execute("SELECT 1 FROM record_state WHERE uri = $1 FOR UPDATE", held)
-    await push(
-        redis, settings.live_stream, [*others[:31], delete(1, LIKE, "held", 20), *others[31:]]
-    )
-    run = asyncio.create_task(replica.run(drain=True))
+    locked: the replica splits the batch until everything else has committed (and is ACKed),
+    retries the one entry until the lock is gone, and dead-letters nothing."""
+    held, metrics, lock, run = await _index_with_records_locked(
+        settings, redis, db, drain,
+        held=1, setting="statement_timeout = '300ms'", others=63, batch_size=64,
+    )  # fmt: skip
     try:
-        # every other entry commits while the delete of `held` waits for the lock
-        async def others_committed() -> bool:
-            return await db.fetchval('SELECT count(*) FROM "like" WHERE uri <> $1', held) == 63
-
-        await until(others_committed, within_s=30)
-        assert await db.fetchval('SELECT count(*) FROM "like" WHERE uri = $1', held) == 1
+        await _until_the_others_committed(db, held, 63)
+        assert await db.fetchval('SELECT count(*) FROM "like" WHERE uri = $1', held[0]) == 1
 
         async def only_held_pending() -> bool:  # the committed parts are ACKed meanwhile
             pending = await redis.xpending(settings.live_stream, settings.group)
@@ -371,17 +403,11 @@ async def test_a_timed_out_batch_is_split_so_the_rest_commits_while_one_record_i
 
         await until(only_held_pending, within_s=10)
         assert not run.done()
-        timeouts = metrics.registry.get_sample_value(
-            "indexer_batch_retries_total", {"reason": "timeout"}
-        )
-        assert timeouts is not None and timeouts >= 6  # 64 halved down to the one entry
+        assert _timeouts(metrics) >= 6  # 64 halved down to the one entry
     finally:
         await lock.rollback()
         await asyncio.wait_for(run, 30)
-    assert await db.fetchval('SELECT count(*) FROM "like"') == 63  # `held` is deleted now
-    assert await redis.xlen(f"{settings.live_stream}:dlq") == 0
-    assert await group_backlog(redis, settings.live_stream, settings.group) == 0
-    await assert_no_drift(db)
+    await _assert_all_indexed(settings, redis, db, 63)
 
 
 async def test_entries_that_keep_timing_out_are_retried_with_backoff_not_back_to_back(
@@ -389,45 +415,17 @@ async def test_entries_that_keep_timing_out_are_retried_with_backoff_not_back_to
 ):
     """Two records locked elsewhere and a lock_timeout of 50 ms: everything else commits, and
     the two entries left take turns with growing pauses, not one attempt after the other."""
-    held = [uri(1, LIKE, f"h{n}") for n in range(2)]
-    first = [create(1, LIKE, f"h{n}", like_record(uri(9, POST, f"p{n}")), 10 + n) for n in range(2)]
-    await push(redis, settings.live_stream, first)
-    assert await drain() == 2
-    name = await db.fetchval("SELECT current_database()")
-    await db.execute(f"ALTER DATABASE \"{name}\" SET lock_timeout = '50ms'")  # new sessions
-    others = [
-        create(2 + n % 5, LIKE, f"l{n:03d}", like_record(uri(8, POST, f"p{n}")), 30 + n)
-        for n in range(30)
-    ]
-    metrics = Metrics()
-    replica = Replica(settings.replace(batch_size=32, concurrency=1), registry(), metrics)
-
-    def timeouts() -> float:
-        value = metrics.registry.get_sample_value(
-            "indexer_batch_retries_total", {"reason": "timeout"}
-        )
-        return value or 0.0
-
-    lock = db.transaction()
-    await lock.start()
-    await db.execute("SELECT 1 FROM record_state WHERE uri = ANY($1) FOR UPDATE", held)
-    deletes = [delete(1, LIKE, f"h{n}", 20 + n) for n in range(2)]
-    await push(redis, settings.live_stream, [deletes[0], *others[:15], deletes[1], *others[15:]])
-    run = asyncio.create_task(replica.run(drain=True))
+    held, metrics, lock, run = await _index_with_records_locked(
+        settings, redis, db, drain,
+        held=2, setting="lock_timeout = '50ms'", others=30, batch_size=32,
+    )  # fmt: skip
     try:
-
-        async def others_committed() -> bool:
-            return await db.fetchval('SELECT count(*) FROM "like" WHERE uri <> ALL($1)', held) == 30
-
-        await until(others_committed, within_s=30)
-        before = timeouts()
+        await _until_the_others_committed(db, held, 30)
+        before = _timeouts(metrics)
         await asyncio.sleep(3)
         # back to back, at 50 ms an attempt, the two would time out about 60 times in 3 s
-        assert 2 <= timeouts() - before <= 20
+        assert 2 <= _timeouts(metrics) - before <= 20
     finally:
         await lock.rollback()
         await asyncio.wait_for(run, 30)
-    assert await db.fetchval('SELECT count(*) FROM "like"') == 30  # both held ones deleted
-    assert await redis.xlen(f"{settings.live_stream}:dlq") == 0
-    assert await group_backlog(redis, settings.live_stream, settings.group) == 0
-    await assert_no_drift(db)
+    await _assert_all_indexed(settings, redis, db, 30)
