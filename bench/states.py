@@ -1,7 +1,8 @@
 """Who runs while a replica drains: its process and its database's backends, read from /proc.
 
-Every millisecond, in a process of its own (the replica's interpreter is not disturbed): whether
-the replica's main thread is running (or runnable), and what each backend of the database does.
+About every millisecond and a half (1 ms apart, plus the reading), in a process of its own
+(the replica's interpreter is not disturbed): whether the replica's main thread is running (or
+runnable), and what each backend of the database does.
 A backend is `running`; waiting for its client inside a transaction (`client`: its title says
 `idle in transaction`, the replica has not sent the next statement); waiting on something else
 inside a statement (`waiting`: a lock, I/O, the WAL); or `idle` between transactions. The joint
@@ -112,17 +113,22 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
+def _stat_and_title(pid: int) -> tuple[str, bytes] | None:
+    """A process's /proc stat line and title (its command line), or None once it is gone."""
+    stat, title = _read(_PROC / str(pid) / "stat"), _read(_PROC / str(pid) / "cmdline")
+    return None if stat is None or title is None else (stat.decode(), title)
+
+
 def database_backends(postmaster: int, database: str) -> list[int]:
     """The postmaster's children whose title names the database (its client backends)."""
     found = []
     for entry in _PROC.iterdir():
         if not entry.name.isdigit():
             continue
-        stat = _read(entry / "stat")
-        title = _read(entry / "cmdline")
-        if stat is None or title is None or parent_pid(stat.decode()) != postmaster:
+        read = _stat_and_title(int(entry.name))
+        if read is None or parent_pid(read[0]) != postmaster:
             continue
-        words = title.split()
+        words = read[1].split()
         if len(words) > 2 and words[0] == b"postgres:" and words[2] == database.encode():
             found.append(int(entry.name))
     return found
@@ -139,11 +145,7 @@ def sample(replica: int, postmaster: int, database: str, stop: list[bool]) -> Co
         replica_stat = _read(_PROC / str(replica) / "stat")
         if replica_stat is None:
             break
-        backends = []
-        for pid in pids:
-            stat, title = _read(_PROC / str(pid) / "stat"), _read(_PROC / str(pid) / "cmdline")
-            if stat is not None and title is not None:
-                backends.append((stat.decode(), title))
+        backends = [read for pid in pids if (read := _stat_and_title(pid)) is not None]
         if backends:  # the replica's pool is open: the drain
             samples[joint(replica_stat.decode(), backends)] += 1
         time.sleep(_INTERVAL_S)
