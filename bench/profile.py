@@ -2,18 +2,22 @@
 
     python -m bench.profile [--events N] [--batch-size B] [--concurrency C] [--grow COPIES]
                             [--celebrity SHARE [--scatter]] [--pyinstrument FILE]
-                            [--server-statements] [--states]
+                            [--server-statements] [--states] [--replay]
 
 One in-process replica (uvloop) drains a workload (indexer.workload) from a throwaway Redis into
 a throwaway migrated PostgreSQL, optionally after the tables were grown by COPIES suffixed
-copies of a first pass, and optionally with a celebrity taking SHARE of the likes, reposts and
-follows of the measured workload. Every statement's round trip is timed on the client
-(PostgreSQL's work, lock waits, the wire), grouped by statement; the rest of the wall time is
-the replica's own Python (decode, rows, asyncpg encoding) and Redis. With --server-statements
-the cluster loads `pg_stat_statements`, and the server's side is printed too: each statement's
-execution time (its lock waits included; the round trip and the client not), rows and WAL
-records during the drain. With --states, who runs during the drain instead of the backends'
-wait events: the replica, PostgreSQL, both or neither (`bench.states`).
+copies of a first pass (the copies alone: the first pass's own rows are removed), and optionally
+with a celebrity taking SHARE of the likes, reposts and follows of the measured workload. Every
+statement's round trip is timed on the client (PostgreSQL's work, lock waits, the wire),
+grouped by statement; the rest of the wall time is the replica's own Python (decode, rows,
+asyncpg encoding) and Redis. With --server-statements the cluster loads `pg_stat_statements`,
+and the server's side is printed too: each statement's execution time (its lock waits
+included; the round trip and the client not), rows and WAL records during the drain. With
+--states, who runs during the drain instead of the backends' wait events: the replica,
+PostgreSQL, both or neither (`bench.states`). With --replay, the drain's statements are then
+sent again without the replica into a copy of the database it started from, and its rows are
+copied with COPY into another: the write design's own ceiling beside the drain and COPY
+(`bench.replay`).
 A development tool: its figures are wall times on a shared machine, to compare statements with
 each other, not runs with runs.
 """
@@ -36,10 +40,19 @@ import asyncpg
 import uvloop
 
 from bench.options import add_server_options
+from bench.procs import find_server_pid, tree_cpu_s
+from bench.replay import Ceiling, Recorder, replay, units
 from bench.states import load as load_states
 from bench.states import parent_pid
 from bench.states import report as states_report
-from bench.tables import dump_tables, load_suffixed_copies
+from bench.tables import (
+    WRITTEN_TABLES,
+    copy_load,
+    dump_tables,
+    inspect,
+    load_suffixed_copies,
+    quote_ident,
+)
 from bench.waits import sample_waits
 from indexer import constants, gcpolicy
 from indexer.config import load_settings
@@ -52,6 +65,7 @@ from indexer.replica import Replica
 from indexer.workload import DEFAULT_START_TIME_US, write_jsonl
 from plugins import registry
 
+_REPLAY_DB, _COPY_DB = "replay_target", "copy_target"
 _TIMED = ("execute", "fetch", "fetchval", "fetchrow", "executemany", "copy_records_to_table")
 _SAMPLER_TABLE = "pg_stat_activity"  # what bench.waits reads; not the replica's statement
 _STATEMENTS_LIBRARY = "pg_stat_statements"
@@ -171,7 +185,9 @@ def _with_statements_library(settings: dict[str, str]) -> dict[str, str]:
     }
 
 
-async def _drain(redis_url: str, dsn: str, stream: str, args: argparse.Namespace) -> float:
+async def _drain(
+    redis_url: str, dsn: str, stream: str, args: argparse.Namespace
+) -> tuple[float, float]:
     env = {
         "REDIS_URL": redis_url,
         "DATABASE_URL": dsn,
@@ -185,9 +201,39 @@ async def _drain(redis_url: str, dsn: str, stream: str, args: argparse.Namespace
     gcpolicy.tune()  # as `indexer run` does
     started, cpu = time.perf_counter(), time.process_time()
     await replica.run(drain=True)
-    wall = time.perf_counter() - started
-    print(f"replica CPU {time.process_time() - cpu:.2f} s of {wall:.2f} s wall")
-    return wall
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    print(f"replica CPU {cpu:.2f} s of {wall:.2f} s wall")
+    return wall, cpu
+
+
+async def _prepare(args: argparse.Namespace, work: Path, redis_url: str, pg: Any) -> None:
+    """Migrate, grow the tables if asked, and fill the stream with the measured workload; with
+    --replay, two copies of the database as the drain will find it."""
+    dsn = pg.dsn()
+    await migrate(dsn)
+    if args.grow:
+        first = work / "first.jsonl"
+        write_jsonl(first, args.events, args.seed + 100)
+        await ingest_file(_settings(redis_url, dsn, "grow_live"), str(first))
+        await _drain(redis_url, dsn, "grow_live", args)
+        dumps = await dump_tables(dsn, False, "text")
+        # the base is the copies alone, as `bench.run` grows it: the first pass's own rows,
+        # unmarked, would count as the measured workload's (COPY of them would collide)
+        await _query(dsn, f"TRUNCATE {', '.join(map(quote_ident, WRITTEN_TABLES))}")
+        await load_suffixed_copies(dsn, dumps, args.grow)
+    path = work / "workload.jsonl"
+    later = DEFAULT_START_TIME_US + (86_400_000_000 if args.grow else 0)
+    write_jsonl(
+        path, args.events, args.seed, start_time_us=later, celebrity=args.celebrity,
+        scatter=args.scatter,
+    )  # fmt: skip
+    await ingest_file(_settings(redis_url, dsn, "profile_live"), str(path))
+    if args.replay:  # to replay the drain's statements into, and to COPY its rows into
+        for target in (_REPLAY_DB, _COPY_DB):
+            await _query(
+                pg.dsn("template1"),
+                f"CREATE DATABASE {quote_ident(target)} TEMPLATE postgres STRATEGY FILE_COPY",
+            )
 
 
 async def _main(args: argparse.Namespace, work: Path) -> None:
@@ -196,23 +242,12 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         throwaway_postgres(work, _server_settings(args), args.pg_locale) as pg,
     ):
         dsn = pg.dsn()
-        await migrate(dsn)
-        if args.grow:
-            first = work / "first.jsonl"
-            write_jsonl(first, args.events, args.seed + 100)
-            await ingest_file(_settings(redis_server.url, dsn, "grow_live"), str(first))
-            await _drain(redis_server.url, dsn, "grow_live", args)
-            dumps = await dump_tables(dsn, False, "text")
-            await load_suffixed_copies(dsn, dumps, args.grow)
-        path = work / "workload.jsonl"
-        later = DEFAULT_START_TIME_US + (86_400_000_000 if args.grow else 0)
-        write_jsonl(
-            path, args.events, args.seed, start_time_us=later, celebrity=args.celebrity,
-            scatter=args.scatter,
-        )  # fmt: skip
-        await ingest_file(_settings(redis_server.url, dsn, "profile_live"), str(path))
+        await _prepare(args, work, redis_server.url, pg)
         clock = StatementClock()
         clock.install()
+        recorder = Recorder()
+        if args.replay:
+            recorder.start()
         profiler = None
         if args.pyinstrument:
             from pyinstrument import Profiler
@@ -222,8 +257,10 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         waits: Counter[tuple[str, str]] = Counter()
         done = asyncio.Event()
         # With --states, the backends are read from /proc instead: a sampling connection
-        # would be one more backend among them.
-        sampler = None if args.states else asyncio.create_task(sample_waits(dsn, waits, done, 0.01))
+        # would be one more backend among them; with --replay, it would cost the drain
+        # PostgreSQL's CPU that the replay does not pay.
+        sampled = not (args.states or args.replay)
+        sampler = asyncio.create_task(sample_waits(dsn, waits, done, 0.01)) if sampled else None
         states = await _start_states(dsn) if args.states else None
         if args.server_statements:
             await _query(
@@ -232,7 +269,11 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
                 "SELECT pg_stat_statements_reset()",
             )
         before = await _wal_and_checkpoints(dsn)
-        wall = await _drain(redis_server.url, dsn, "profile_live", args)
+        pg_pid = find_server_pid("postgres", pg.port)
+        server_cpu = tree_cpu_s(pg_pid)
+        wall, replica_cpu = await _drain(redis_server.url, dsn, "profile_live", args)
+        server_cpu = tree_cpu_s(pg_pid) - server_cpu
+        recorder.stop()
         if states is not None:
             states.terminate()
             output, _ = await states.communicate()
@@ -250,12 +291,38 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         wal, checkpoints = (a - b for a, b in zip(after, before, strict=True))
         print(f"WAL {wal / 2**20:,.0f} MiB, {checkpoints} checkpoint(s) during the drain")
         print(clock.report(wall, -(-args.events // args.batch_size)))
-        if states is None:
-            print(_waits_report(waits))
-        else:
+        if states is not None:
             print(who_runs)
+        elif sampler is not None:
+            print(_waits_report(waits))
         if statements is not None:
             print(server_report(statements, args.events))
+        if args.replay:
+            drain = (wall, replica_cpu, server_cpu)
+            print((await _ceiling(pg.dsn, pg_pid, recorder, drain, args)).report())
+
+
+async def _ceiling(
+    dsn: Callable[[str], str],
+    pg_pid: int | None,
+    recorder: Recorder,
+    drain: tuple[float, float, float],
+    args: argparse.Namespace,
+) -> Ceiling:
+    """The drain (wall, replica and server CPU seconds) beside COPY of its rows and its
+    statements replayed without the replica."""
+    grown = bool(args.grow)
+    copied = await copy_load(dsn(_COPY_DB), await dump_tables(dsn("postgres"), grown, "binary"))
+    tasks = units(recorder.sent)
+    recorder.sent.clear()
+    server, client = tree_cpu_s(pg_pid), time.process_time()
+    replayed = await replay(dsn(_REPLAY_DB), tasks)
+    client, server = time.process_time() - client, tree_cpu_s(pg_pid) - server
+    drained, again = await inspect(dsn("postgres"), grown), await inspect(dsn(_REPLAY_DB), grown)
+    differ = [t for t, digest in drained.digests.items() if again.digests.get(t) != digest]
+    return Ceiling(
+        args.events, *drain, replayed, client, server, copied.seconds, len(tasks), differ
+    )
 
 
 async def _start_states(dsn: str) -> asyncio.subprocess.Process:
@@ -315,6 +382,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="also print the server's execution time, rows and WAL records per statement "
         "(loads pg_stat_statements into the throwaway cluster)",
+    )
+    parser.add_argument(
+        "--replay",
+        action="store_true",
+        help="then send the drain's statements again, without the replica, into a copy of the "
+        "database it started from, and COPY its rows into another: the write design's own "
+        "ceiling beside the drain and COPY (bench.replay)",
     )
     parser.add_argument(
         "--states",
