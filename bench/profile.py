@@ -65,7 +65,9 @@ from indexer.replica import Replica
 from indexer.workload import DEFAULT_START_TIME_US, write_jsonl
 from plugins import registry
 
-_REPLAY_DB, _COPY_DB = "replay_target", "copy_target"
+# With --replay: three copies of the database as the drain finds it, none of them in
+# PostgreSQL's cache, so the drain, the replay and COPY start alike.
+_DRAIN_DB, _REPLAY_DB, _COPY_DB = "drain_target", "replay_target", "copy_target"
 _TIMED = ("execute", "fetch", "fetchval", "fetchrow", "executemany", "copy_records_to_table")
 _SAMPLER_TABLE = "pg_stat_activity"  # what bench.waits reads; not the replica's statement
 _STATEMENTS_LIBRARY = "pg_stat_statements"
@@ -206,9 +208,9 @@ async def _drain(
     return wall, cpu
 
 
-async def _prepare(args: argparse.Namespace, work: Path, redis_url: str, pg: Any) -> None:
-    """Migrate, grow the tables if asked, and fill the stream with the measured workload; with
-    --replay, two copies of the database as the drain will find it."""
+async def _prepare(args: argparse.Namespace, work: Path, redis_url: str, pg: Any) -> str:
+    """Migrate, grow the tables if asked, and fill the stream with the measured workload; the
+    database to drain into (with --replay, one of three copies)."""
     dsn = pg.dsn()
     await migrate(dsn)
     if args.grow:
@@ -228,12 +230,14 @@ async def _prepare(args: argparse.Namespace, work: Path, redis_url: str, pg: Any
         scatter=args.scatter,
     )  # fmt: skip
     await ingest_file(_settings(redis_url, dsn, "profile_live"), str(path))
-    if args.replay:  # to replay the drain's statements into, and to COPY its rows into
-        for target in (_REPLAY_DB, _COPY_DB):
-            await _query(
-                pg.dsn("template1"),
-                f"CREATE DATABASE {quote_ident(target)} TEMPLATE postgres STRATEGY FILE_COPY",
-            )
+    if not args.replay:
+        return str(dsn)
+    for target in (_DRAIN_DB, _REPLAY_DB, _COPY_DB):
+        await _query(
+            pg.dsn("template1"),
+            f"CREATE DATABASE {quote_ident(target)} TEMPLATE postgres STRATEGY FILE_COPY",
+        )
+    return str(pg.dsn(_DRAIN_DB))
 
 
 async def _main(args: argparse.Namespace, work: Path) -> None:
@@ -241,8 +245,7 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         throwaway_redis(work) as redis_server,
         throwaway_postgres(work, _server_settings(args), args.pg_locale) as pg,
     ):
-        dsn = pg.dsn()
-        await _prepare(args, work, redis_server.url, pg)
+        dsn = await _prepare(args, work, redis_server.url, pg)
         clock = StatementClock()
         clock.install()
         recorder = Recorder()
@@ -312,13 +315,13 @@ async def _ceiling(
     """The drain (wall, replica and server CPU seconds) beside COPY of its rows and its
     statements replayed without the replica."""
     grown = bool(args.grow)
-    copied = await copy_load(dsn(_COPY_DB), await dump_tables(dsn("postgres"), grown, "binary"))
+    copied = await copy_load(dsn(_COPY_DB), await dump_tables(dsn(_DRAIN_DB), grown, "binary"))
     tasks = units(recorder.sent)
     recorder.sent.clear()
     server, client = tree_cpu_s(pg_pid), time.process_time()
     replayed = await replay(dsn(_REPLAY_DB), tasks)
     client, server = time.process_time() - client, tree_cpu_s(pg_pid) - server
-    drained, again = await inspect(dsn("postgres"), grown), await inspect(dsn(_REPLAY_DB), grown)
+    drained, again = await inspect(dsn(_DRAIN_DB), grown), await inspect(dsn(_REPLAY_DB), grown)
     differ = [t for t, digest in drained.digests.items() if again.digests.get(t) != digest]
     return Ceiling(
         args.events, *drain, replayed, client, server, copied.seconds, len(tasks), differ
