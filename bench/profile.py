@@ -41,7 +41,7 @@ import uvloop
 
 from bench.options import add_server_options
 from bench.procs import find_server_pid, tree_cpu_s
-from bench.replay import Ceiling, Recorder, replay, units
+from bench.replay import Ceiling, Recorder, replay, span, units
 from bench.states import load as load_states
 from bench.states import parent_pid
 from bench.states import report as states_report
@@ -68,6 +68,7 @@ from plugins import registry
 # With --replay: three copies of the database as the drain finds it, none of them in
 # PostgreSQL's cache, so the drain, the replay and COPY start alike.
 _DRAIN_DB, _REPLAY_DB, _COPY_DB = "drain_target", "replay_target", "copy_target"
+_CLIENTS = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
 _TIMED = ("execute", "fetch", "fetchval", "fetchrow", "executemany", "copy_records_to_table")
 _SAMPLER_TABLE = "pg_stat_activity"  # what bench.waits reads; not the replica's statement
 _STATEMENTS_LIBRARY = "pg_stat_statements"
@@ -249,8 +250,6 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         clock = StatementClock()
         clock.install()
         recorder = Recorder()
-        if args.replay:
-            recorder.start()
         profiler = None
         if args.pyinstrument:
             from pyinstrument import Profiler
@@ -274,9 +273,13 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
         before = await _wal_and_checkpoints(dsn)
         pg_pid = find_server_pid("postgres", pg.port)
         server_cpu = tree_cpu_s(pg_pid)
+        if args.replay:
+            recorder.start()
         wall, replica_cpu = await _drain(redis_server.url, dsn, "profile_live", args)
-        server_cpu = tree_cpu_s(pg_pid) - server_cpu
         recorder.stop()
+        if args.replay:  # the backends' CPU once they have exited and been counted
+            await _quiet(pg.dsn, _DRAIN_DB)
+        server_cpu = tree_cpu_s(pg_pid) - server_cpu
         if states is not None:
             states.terminate()
             output, _ = await states.communicate()
@@ -313,19 +316,39 @@ async def _ceiling(
     args: argparse.Namespace,
 ) -> Ceiling:
     """The drain (wall, replica and server CPU seconds) beside COPY of its rows and its
-    statements replayed without the replica."""
+    statements replayed without the replica, each after a checkpoint (the pages the one before
+    dirtied are written before, not during, the next)."""
     grown = bool(args.grow)
-    copied = await copy_load(dsn(_COPY_DB), await dump_tables(dsn(_DRAIN_DB), grown, "binary"))
-    tasks = units(recorder.sent)
+    dumps = await dump_tables(dsn(_DRAIN_DB), grown, "binary")
+    await _query(dsn("postgres"), "CHECKPOINT")
+    copied = await copy_load(dsn(_COPY_DB), dumps)
+    tasks, drain_s = units(recorder.sent), span(recorder.sent)
     recorder.sent.clear()
+    await _query(dsn("postgres"), "CHECKPOINT")
     server, client = tree_cpu_s(pg_pid), time.process_time()
-    replayed = await replay(dsn(_REPLAY_DB), tasks)
-    client, server = time.process_time() - client, tree_cpu_s(pg_pid) - server
+    replayed = await replay(dsn(_REPLAY_DB), tasks, timeout_s=max(60.0, 10 * drain[0]))
+    client = time.process_time() - client
+    await _quiet(dsn, _REPLAY_DB)
+    server = tree_cpu_s(pg_pid) - server
     drained, again = await inspect(dsn(_DRAIN_DB), grown), await inspect(dsn(_REPLAY_DB), grown)
     differ = [t for t, digest in drained.digests.items() if again.digests.get(t) != digest]
     return Ceiling(
-        args.events, *drain, replayed, client, server, copied.seconds, len(tasks), differ
-    )
+        args.events, drain_s, *drain, replayed, client, server, copied.seconds, len(tasks),
+        differ,
+    )  # fmt: skip
+
+
+async def _quiet(dsn: Callable[[str], str], database: str) -> None:
+    """Wait (10 s at most) until no backend serves `database`: one that has exited has been
+    reaped, so its CPU is in the postmaster's count of its children."""
+    conn = await connect(dsn("postgres"))
+    try:
+        for _ in range(200):
+            if not await conn.fetchval(_CLIENTS, database):
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
 
 
 async def _start_states(dsn: str) -> asyncio.subprocess.Process:
@@ -344,6 +367,8 @@ async def _start_states(dsn: str) -> asyncio.subprocess.Process:
 
 def _server_settings(args: argparse.Namespace) -> dict[str, str]:
     settings = dict(args.pg_setting)
+    if args.replay:  # no vacuum of one copy's tables while another is measured
+        settings.setdefault("autovacuum", "off")
     return _with_statements_library(settings) if args.server_statements else settings
 
 

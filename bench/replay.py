@@ -14,6 +14,7 @@ keeps every parameter until the replay: a few MB per batch.)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -38,9 +39,11 @@ class Statement:
 @dataclass(slots=True)
 class _Sent:
     seq: int
-    task: int
+    task: int  # serial numbers, not id(): an id is reused once its object is gone
     conn: int
     statement: Statement
+    started: float = 0.0  # time.perf_counter() when sent, and when its reply came
+    ended: float = 0.0
 
 
 @dataclass(slots=True)
@@ -48,7 +51,7 @@ class Replayed:
     statements: int = 0
     errors: int = 0  # statements that failed (as in the drain, where a batch was retried)
     first_error: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the first transaction's BEGIN to the last one's end
 
 
 class Recorder:
@@ -57,6 +60,8 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[_Sent] = []
         self._originals: dict[str, Any] = {}
+        self._serials: dict[int, tuple[object, int]] = {}  # id -> (the object, its serial)
+        self._next = itertools.count(1)
 
     def start(self) -> None:
         cls: Any = asyncpg.connection.Connection
@@ -70,40 +75,70 @@ class Recorder:
             setattr(cls, name, method)
         self._originals.clear()
 
+    def _serial(self, thing: object) -> int:
+        known = self._serials.get(id(thing))
+        if known is None or known[0] is not thing:  # kept alive here, so never a stale match
+            known = (thing, next(self._next))
+            self._serials[id(thing)] = known
+        return known[1]
+
     def _noting(self, method: Callable[..., Awaitable[Any]], name: str) -> Any:
         sent = self.sent
 
         async def noted(conn: Any, query: Any = "", *args: Any, **kwargs: Any) -> Any:
-            statement = Statement(name, str(query), args, kwargs)
-            sent.append(_Sent(len(sent), id(asyncio.current_task()), id(conn), statement))
-            return await method(conn, query, *args, **kwargs)
+            task, link = self._serial(asyncio.current_task()), self._serial(conn)
+            note = _Sent(len(sent), task, link, Statement(name, str(query), args, kwargs))
+            sent.append(note)
+            note.started = time.perf_counter()
+            try:
+                return await method(conn, query, *args, **kwargs)
+            finally:
+                note.ended = time.perf_counter()
 
         return noted
 
 
 def units(sent: list[_Sent]) -> list[list[list[Statement]]]:
     """Per task, in the order the tasks first sent: its units in order, each a transaction
-    (BEGIN to COMMIT or ROLLBACK, on one connection) or a statement on its own."""
+    (BEGIN to COMMIT or ROLLBACK, on one connection) or a statement on its own. Whatever is
+    sent on a connection inside its transaction belongs to it (the pool's ROLLBACK of a
+    connection released mid-transaction, from a task of its own), and the pool's reset of a
+    released connection goes with the task that used it last (it releases that task's session
+    locks)."""
     open_units: dict[int, list[Statement]] = {}  # connection -> its transaction so far
+    last_user: dict[int, int] = {}  # connection -> the task that used it last
     done: list[tuple[int, int, list[Statement]]] = []  # (first seq, task, unit)
     for s in sent:
-        word = _first_word(s.statement.query)
+        query = s.statement.query
+        word = _first_word(query)
         if (unit := open_units.get(s.conn)) is not None:
             unit.append(s.statement)
-            if word in _ENDS and not _TO_SAVEPOINT.match(s.statement.query):
+            if word in _ENDS and not _TO_SAVEPOINT.match(query):
                 del open_units[s.conn]
-        elif word in _BEGINS:
+            continue
+        task = last_user.get(s.conn, s.task) if _POOL_RESET.match(query) else s.task
+        last_user[s.conn] = task
+        if word in _BEGINS:
             open_units[s.conn] = [s.statement]
-            done.append((s.seq, s.task, open_units[s.conn]))
+            done.append((s.seq, task, open_units[s.conn]))
         else:
-            done.append((s.seq, s.task, [s.statement]))
+            done.append((s.seq, task, [s.statement]))
     by_task: dict[int, list[list[Statement]]] = {}
     for _, task, unit in sorted(done, key=lambda d: d[0]):
         by_task.setdefault(task, []).append(unit)
     return list(by_task.values())
 
 
+def span(sent: list[_Sent]) -> float:
+    """Seconds from the first BEGIN sent to the end of the last transaction: the batches'
+    span, without the start-up before them and the shutdown after them."""
+    begins = [s.started for s in sent if _first_word(s.statement.query) in _BEGINS]
+    ends = [s.ended for s in sent if _first_word(s.statement.query) in _ENDS]
+    return max(ends) - min(begins) if begins and ends else 0.0
+
+
 _TO_SAVEPOINT = re.compile(r"\s*ROLLBACK\s+(WORK\s+|TRANSACTION\s+)?TO\b", re.IGNORECASE)
+_POOL_RESET = re.compile(r"\s*SELECT pg_advisory_unlock_all\(\)")  # asyncpg's reset query
 _BEGINS = frozenset({"BEGIN", "START"})
 _ENDS = frozenset({"COMMIT", "ROLLBACK", "END", "ABORT"})
 
@@ -113,35 +148,47 @@ def _first_word(query: str) -> str:
     return words[0].rstrip(";").upper() if words else ""
 
 
-async def replay(dsn: str, tasks: list[list[list[Statement]]]) -> Replayed:
+async def replay(
+    dsn: str, tasks: list[list[list[Statement]]], timeout_s: float = 600.0
+) -> Replayed:
     """Send each task's units over a connection of its own, the tasks at once; a failed
-    statement is counted and its transaction rolled back, as the drain's was."""
+    statement is counted and its transaction rolled back, as the drain's was. The connections
+    are closed before this returns."""
     result = Replayed()
+    sent: list[_Sent] = []
     conns = [await asyncpg.connect(dsn) for _ in tasks]
     try:
         for conn in conns:
             await setup_connection(conn)
-        started = time.perf_counter()
-        await asyncio.gather(*(_send(c, t, result) for c, t in zip(conns, tasks, strict=True)))
-        result.seconds = time.perf_counter() - started
+        sends = (_send(c, t, result, sent) for c, t in zip(conns, tasks, strict=True))
+        try:
+            await asyncio.wait_for(asyncio.gather(*sends), timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"the replay did not finish in {timeout_s:.0f} s") from None
     finally:
         for conn in conns:
             await conn.close()
+    result.seconds = span(sent)
     return result
 
 
-async def _send(conn: Any, task: list[list[Statement]], result: Replayed) -> None:
+async def _send(
+    conn: Any, task: list[list[Statement]], result: Replayed, sent: list[_Sent]
+) -> None:
     for unit in task:
         for statement in unit:
             result.statements += 1
+            note = _Sent(len(sent), 0, 0, statement, started=time.perf_counter())
+            sent.append(note)
             try:
                 await getattr(conn, statement.method)(
                     statement.query, *statement.args, **statement.kwargs
                 )
-            except asyncpg.PostgresError as exc:
+            except Exception as exc:  # counted, and the unit goes on as the drain's did
                 result.errors += 1
                 result.first_error = result.first_error or f"{type(exc).__name__}: {exc}"
-        if conn.is_in_transaction():  # a unit whose COMMIT failed, or one cut short
+            note.ended = time.perf_counter()
+        if not conn.is_closed() and conn.is_in_transaction():  # a unit cut short
             await conn.execute("ROLLBACK")
 
 
@@ -150,7 +197,8 @@ class Ceiling:
     """A drain, its replay and COPY of its rows, side by side."""
 
     events: int
-    drain_s: float
+    drain_s: float  # the batches' span (`span`)
+    drain_run_s: float  # the whole `replica.run`, start-up and shutdown included
     drain_client_cpu_s: float
     drain_server_cpu_s: float
     replay: Replayed
@@ -171,22 +219,26 @@ class Ceiling:
         rows = "identical to the drain's"
         if self.differ:
             rows = f"differ from the drain's in {', '.join(self.differ)}"
+        failed = f"statements failed {self.replay.errors}"
+        if self.replay.errors:
+            failed += f" (first: {self.replay.first_error[:120]})"
         return "\n".join(
             [
                 f"replay: the drain's {self.replay.statements:,} statements again, without the "
                 f"replica, over {self.connections} connections (one per task that sent them)",
-                f"  drain  {drain_rate:9,.0f} events/s  CPU µs per event: replica "
+                "  events/s from the first BEGIN to the end of the last transaction:",
+                f"  drain  {drain_rate:9,.0f} events/s  ({n / self.drain_run_s:,.0f} over the "
+                "whole run)  CPU µs per event: replica "
                 f"{per_event(self.drain_client_cpu_s):.0f}, PostgreSQL "
                 f"{per_event(self.drain_server_cpu_s):.0f}",
                 f"  replay {replay_rate:9,.0f} events/s  CPU µs per event: client "
                 f"{per_event(self.replay_client_cpu_s):.0f}, PostgreSQL "
-                f"{per_event(self.replay_server_cpu_s):.0f}; statements failed "
-                f"{self.replay.errors}"
-                + (f" (first: {self.replay.first_error[:120]})" if self.replay.errors else ""),
+                f"{per_event(self.replay_server_cpu_s):.0f}; {failed}",
                 f"  COPY   {copy_rate:9,.0f} events/s  ({self.copy_s:.2f} s for the drain's rows, "
                 "one connection)",
                 f"  ÷ COPY: drain {drain_rate / copy_rate:.2f}, "
-                f"replay {replay_rate / copy_rate:.2f}",
+                f"replay {replay_rate / copy_rate:.2f}; "
+                f"replay ÷ drain {replay_rate / drain_rate:.2f}",
                 f"  rows after the replay: {rows}",
             ]
         )

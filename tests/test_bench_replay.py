@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
+import asyncpg
 import pytest
 
 from bench import profile
-from bench.replay import Ceiling, Replayed, Statement, _Sent, units
+from bench.replay import Ceiling, Recorder, Replayed, Statement, _Sent, replay, span, units
 
 
 def _sent(seq: int, task: int, conn: int, query: str) -> _Sent:
@@ -42,6 +44,35 @@ def test_units_keep_each_transaction_whole_and_each_task_in_order() -> None:
     ]
 
 
+def test_the_pools_statements_go_with_the_task_that_used_the_connection() -> None:
+    reset = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
+    sent = [
+        _sent(0, 1, 10, "SELECT pg_advisory_lock(1, 2)"),  # a session lock, as deletions take
+        _sent(1, 1, 10, "BEGIN;"),
+        _sent(2, 1, 10, "INSERT a"),
+        _sent(3, 7, 10, "ROLLBACK;"),  # the pool rolls back a connection released mid-way
+        _sent(4, 8, 10, reset),  # and resets it, each from a task of its own
+        _sent(5, 2, 10, "SELECT 4"),  # the next task to take the connection
+    ]
+    assert _queries(units(sent)) == [
+        [["SELECT pg_advisory_lock(1, 2)"], ["BEGIN;", "INSERT a", "ROLLBACK;"], [reset]],
+        [["SELECT 4"]],
+    ]
+
+
+def test_the_span_runs_from_the_first_begin_to_the_last_transactions_end() -> None:
+    sent = [
+        _Sent(0, 1, 10, Statement("execute", "SELECT 1", (), {}), started=1.0, ended=1.5),
+        _Sent(1, 1, 10, Statement("execute", "BEGIN;", (), {}), started=2.0, ended=2.1),
+        _Sent(2, 2, 11, Statement("execute", "BEGIN;", (), {}), started=2.5, ended=2.6),
+        _Sent(3, 1, 10, Statement("execute", "COMMIT;", (), {}), started=4.0, ended=4.2),
+        _Sent(4, 2, 11, Statement("execute", "ROLLBACK;", (), {}), started=5.0, ended=5.5),
+        _Sent(5, 1, 10, Statement("fetch", "SELECT 2", (), {}), started=6.0, ended=7.0),
+    ]
+    assert span(sent) == pytest.approx(3.5)
+    assert span(sent[:1]) == 0.0
+
+
 def test_a_transaction_left_open_stays_one_unit() -> None:
     sent = [_sent(0, 1, 10, "BEGIN"), _sent(1, 1, 10, "UPDATE x"), _sent(2, 1, 11, "SELECT 3")]
     assert _queries(units(sent)) == [[["BEGIN", "UPDATE x"], ["SELECT 3"]]]
@@ -49,7 +80,8 @@ def test_a_transaction_left_open_stays_one_unit() -> None:
 
 def test_the_report_sets_the_drain_and_the_replay_beside_copy() -> None:
     ceiling = Ceiling(
-        events=100_000, drain_s=8.0, drain_client_cpu_s=3.0, drain_server_cpu_s=6.0,
+        events=100_000, drain_s=8.0, drain_run_s=10.0, drain_client_cpu_s=3.0,
+        drain_server_cpu_s=6.0,
         replay=Replayed(statements=2_266, errors=1, first_error="DeadlockDetectedError: x",
                         seconds=5.0),
         replay_client_cpu_s=0.5, replay_server_cpu_s=6.5, copy_s=4.0, connections=3,
@@ -58,13 +90,72 @@ def test_the_report_sets_the_drain_and_the_replay_beside_copy() -> None:
     assert ceiling.report().splitlines() == [
         "replay: the drain's 2,266 statements again, without the replica, over 3 connections "
         "(one per task that sent them)",
-        "  drain     12,500 events/s  CPU µs per event: replica 30, PostgreSQL 60",
+        "  events/s from the first BEGIN to the end of the last transaction:",
+        "  drain     12,500 events/s  (10,000 over the whole run)  CPU µs per event: replica 30, "
+        "PostgreSQL 60",
         "  replay    20,000 events/s  CPU µs per event: client 5, PostgreSQL 65; statements "
         "failed 1 (first: DeadlockDetectedError: x)",
         "  COPY      25,000 events/s  (4.00 s for the drain's rows, one connection)",
-        "  ÷ COPY: drain 0.50, replay 0.80",
+        "  ÷ COPY: drain 0.50, replay 0.80; replay ÷ drain 1.60",
         "  rows after the replay: differ from the drain's in like, post_agg",
     ]
+
+
+# Each waits, in one statement, until the other has done its part: only side by side do both
+# finish (one after the other, the first gives up after 5 s).
+_UNTIL_WAITED_FOR = """DO $$ BEGIN FOR i IN 1..500 LOOP
+  IF EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted) THEN RETURN;
+  END IF; PERFORM pg_sleep(0.01); END LOOP; RAISE EXCEPTION 'nobody waited'; END $$"""
+_UNTIL_HELD = """DO $$ BEGIN FOR i IN 1..500 LOOP
+  IF EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+             AND pid <> pg_backend_pid()) THEN RETURN;
+  END IF; PERFORM pg_sleep(0.01); END LOOP; RAISE EXCEPTION 'nobody held it'; END $$"""
+
+
+async def test_a_replay_runs_the_tasks_side_by_side_and_counts_what_fails(
+    database_url: str,
+) -> None:
+    setup = await asyncpg.connect(database_url)
+    await setup.execute("CREATE TABLE t (k int PRIMARY KEY)")
+    conns = [await asyncpg.connect(database_url) for _ in range(3)]
+
+    async def holder() -> None:
+        await conns[0].execute("SELECT pg_advisory_lock(4242)")
+        await conns[0].execute(_UNTIL_WAITED_FOR)
+        await conns[0].execute("SELECT pg_advisory_unlock(4242)")
+
+    async def waiter() -> None:
+        await conns[1].execute(_UNTIL_HELD)
+        await conns[1].execute("SELECT pg_advisory_lock(4242)")
+        await conns[1].execute("INSERT INTO t VALUES (1)")
+        await conns[1].execute("SELECT pg_advisory_unlock(4242)")
+
+    async def failing() -> None:
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            async with conns[2].transaction():
+                await conns[2].execute("INSERT INTO t VALUES (2)")
+                await conns[2].execute("SELECT 1 / 0")
+
+    recorder = Recorder()
+    recorder.start()
+    try:
+        await asyncio.gather(holder(), waiter(), failing())
+    finally:
+        recorder.stop()
+        for conn in conns:
+            await conn.close()
+    assert await setup.fetch("SELECT k FROM t") == [(1,)]
+    await setup.execute("TRUNCATE t")
+    tasks = units(recorder.sent)
+    assert len(tasks) == 3
+    replayed = await replay(database_url, tasks, timeout_s=30)
+    try:
+        assert (replayed.errors, replayed.first_error.split(":")[0]) == (1, "DivisionByZeroError")
+        assert replayed.statements == len(recorder.sent) == 4 + 3 + 4  # BEGIN ... ROLLBACK
+        assert await setup.fetch("SELECT k FROM t") == [(1,)]  # not 2: it was rolled back
+        assert replayed.seconds > 0
+    finally:
+        await setup.close()
 
 
 def test_a_replay_writes_the_rows_the_drain_wrote(capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,9 +164,12 @@ def test_a_replay_writes_the_rows_the_drain_wrote(capsys: pytest.CaptureFixture[
     report = out[out.index("replay: the drain's ") :].splitlines()
     sent = int(re.match(r"replay: the drain's ([\d,]+) statements", report[0])[1].replace(",", ""))
     assert sent >= 6 * 10  # six batches of ten statements and more
+    lines = {line.split()[0]: line for line in report[2:5]}  # drain, replay, COPY
     assert re.search(r"CPU µs per event: client \d+, PostgreSQL \d+; statements failed 0$",
-                     report[2])  # fmt: skip
+                     lines["replay"])  # fmt: skip
     assert report[-1] == "  rows after the replay: identical to the drain's"
-    replay_rate, copy_rate = (float(re.search(r"([\d,]+) events/s", line)[1].replace(",", ""))
-                              for line in report[2:4])  # fmt: skip
-    assert replay_rate > 0 and copy_rate > 0
+    rates = {k: float(re.search(r"([\d,]+) events/s", v)[1].replace(",", "")) for k, v in
+             lines.items()}  # fmt: skip
+    whole = float(re.search(r"\(([\d,]+) over the whole run\)", lines["drain"])[1].replace(",", ""))
+    assert rates["drain"] > whole > 0  # the span leaves start-up and shutdown out
+    assert rates["replay"] > 0 and rates["COPY"] > 0
