@@ -16,8 +16,10 @@ included; the round trip and the client not), rows and WAL records during the dr
 --states, who runs during the drain instead of the backends' wait events: the replica,
 PostgreSQL, both or neither (`bench.states`). With --replay, the drain's statements are then
 sent again without the replica into a copy of the database it started from, and its rows are
-copied with COPY into another: the write design's own ceiling beside the drain and COPY
-(`bench.replay`).
+copied with COPY into another: the write design's own rate beside the drain and COPY
+(`bench.replay`; the drain runs on a third copy, each step starts after a checkpoint, the
+rates count the batches' span from the first BEGIN to the last transaction's end, and
+autovacuum is off unless --pg-setting says otherwise).
 A development tool: its figures are wall times on a shared machine, to compare statements with
 each other, not runs with runs.
 """
@@ -416,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="then send the drain's statements again, without the replica, into a copy of the "
         "database it started from, and COPY its rows into another: the write design's own "
-        "ceiling beside the drain and COPY (bench.replay)",
+        "rate beside the drain and COPY (bench.replay; autovacuum off)",
     )
     parser.add_argument(
         "--states",
