@@ -55,7 +55,7 @@ from bench.tables import (
     load_suffixed_copies,
     quote_ident,
 )
-from bench.waits import sample_waits
+from bench.waits import sample_waits, until_no_clients
 from indexer import constants, gcpolicy
 from indexer.config import load_settings
 from indexer.db import connect
@@ -70,7 +70,6 @@ from plugins import registry
 # With --replay: three copies of the database as the drain finds it, none of them in
 # PostgreSQL's cache, so the drain, the replay and COPY start alike.
 _DRAIN_DB, _REPLAY_DB, _COPY_DB = "drain_target", "replay_target", "copy_target"
-_CLIENTS = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
 _TIMED = ("execute", "fetch", "fetchval", "fetchrow", "executemany", "copy_records_to_table")
 _SAMPLER_TABLE = "pg_stat_activity"  # what bench.waits reads; not the replica's statement
 _STATEMENTS_LIBRARY = "pg_stat_statements"
@@ -341,14 +340,10 @@ async def _ceiling(
 
 
 async def _quiet(dsn: Callable[[str], str], database: str) -> None:
-    """Wait (10 s at most) until no backend serves `database`: one that has exited has been
-    reaped, so its CPU is in the postmaster's count of its children."""
+    """Wait until no backend serves `database`, so the CPU of every one is counted."""
     conn = await connect(dsn("postgres"))
     try:
-        for _ in range(200):
-            if not await conn.fetchval(_CLIENTS, database):
-                return
-            await asyncio.sleep(0.05)
+        await until_no_clients(conn, database)
     finally:
         await conn.close()
 

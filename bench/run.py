@@ -77,14 +77,13 @@ from bench.tables import (
     load_suffixed_copies,
     quote_ident,
 )
-from bench.waits import lock_wait_share, sample_waits, top_lock_waits
+from bench.waits import lock_wait_share, sample_waits, top_lock_waits, until_no_clients
 from indexer import constants
 from indexer.devservers import PostgresServer, RedisServer, throwaway_postgres, throwaway_redis
 from indexer.migrate import migrate
 from indexer.workload import DEFAULT_START_TIME_US, write_jsonl
 
 SAMPLE_INTERVAL_S = 0.02  # pg_stat_activity while replicas run
-_CLIENTS = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
 COUNTER_STATEMENT = "INSERT INTO post_agg"  # indexer.aggregates: both tables in one statement
 EMPTY_DB = "bench_empty"
 GROWN_DB = "bench_grown"
@@ -258,10 +257,7 @@ class Bench:
         backend reports its statistics at the latest when it exits)."""
         conn = await asyncpg.connect(self.pg.dsn("postgres"))
         try:
-            for _ in range(200):  # 10 s at most
-                if not await conn.fetchval(_CLIENTS, db):
-                    break
-                await asyncio.sleep(0.05)
+            await until_no_clients(conn, db)
             found = await conn.fetchval(
                 "SELECT deadlocks FROM pg_stat_database WHERE datname = $1", db
             )

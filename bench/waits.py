@@ -13,6 +13,17 @@ _ACTIVITY = (
     "FROM pg_stat_activity WHERE state = 'active' AND backend_type = 'client backend' "
     "AND datname = current_database() AND pid <> pg_backend_pid()"
 )
+_CLIENTS = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
+
+
+async def until_no_clients(conn: asyncpg.Connection, database: str, within_s: float = 10.0) -> None:
+    """Wait (`within_s` at most) until no backend serves `database`, asking over `conn` (a
+    connection to another database): a backend that has exited has reported its statistics,
+    and been reaped, so its CPU is in the postmaster's count of its children."""
+    for _ in range(int(within_s / 0.05)):
+        if not await conn.fetchval(_CLIENTS, database):
+            return
+        await asyncio.sleep(0.05)
 
 
 async def sample_waits(
