@@ -102,10 +102,11 @@ class StreamConsumer:
     def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
         self._settings = settings
         self._redis = client
-        # XREADGROUP's replies as the server sends them, for `_entries`: redis-py would build a
-        # dict per entry and convert RESP3's map to RESP2's list first, about a twentieth of a
-        # replica's CPU. Only the consumer's own reads use XREADGROUP on this client.
-        client.set_response_callback("XREADGROUP", _reply_as_sent)
+        # XREADGROUP's replies as the server sends them, for `_entries` (redis-py would build a
+        # dict per entry, after turning RESP3's map into RESP2's list): through a client of our
+        # own over the same connections, so the caller's client keeps redis-py's replies.
+        self._reader = aioredis.Redis(connection_pool=client.connection_pool)
+        self._reader.set_response_callback("XREADGROUP", _reply_as_sent)
         self._group = settings.group
         self._consumer = settings.consumer
 
@@ -121,18 +122,18 @@ class StreamConsumer:
 
     async def read_pending(self, stream: str, after: str, count: int) -> list[Entry]:
         """This consumer's own pending entries on a stream after an id (unfinished work)."""
-        reply = await self._redis.xreadgroup(self._group, self._consumer, {stream: after}, count)
+        reply = await self._reader.xreadgroup(self._group, self._consumer, {stream: after}, count)
         return _entries(reply)
 
     async def read_new(self, count: int, block_ms: int) -> list[Entry]:
         """New entries: the live stream first; the others only when it has nothing waiting."""
         streams = self._settings.streams
-        reply = await self._redis.xreadgroup(self._group, self._consumer, {streams[0]: ">"}, count)
+        reply = await self._reader.xreadgroup(self._group, self._consumer, {streams[0]: ">"}, count)
         if reply:
             return _entries(reply)
         # Every entry returned is now pending on us, so all of them are processed, even when
         # several streams answer at once.
-        reply = await self._redis.xreadgroup(
+        reply = await self._reader.xreadgroup(
             self._group,
             self._consumer,
             dict.fromkeys(streams, ">"),

@@ -58,3 +58,14 @@ async def test_claimed_entries_keep_their_event_and_count_a_delivery(settings, r
     assert [(e.id, e.raw, e.deliveries) for e in claimed] == [
         (ids[n], f'{{"n":{n}}}'.encode(), 2) for n in range(3)
     ]
+
+
+async def test_the_callers_client_keeps_redis_pys_replies(settings, redis):
+    live = settings.live_stream
+    consumer = StreamConsumer(settings, redis)
+    await consumer.ensure_groups()
+    first = await redis.xadd(live, {"event": b'{"n":1}'})
+    second = await redis.xadd(live, {"event": b'{"n":2}'})
+    assert [(e.id, e.raw) for e in await consumer.read_new(1, 0)] == [(first.decode(), b'{"n":1}')]
+    reply = await redis.xreadgroup(settings.group, "someone", {live: ">"}, count=1)
+    assert reply == [[live.encode(), [(second, {b"event": b'{"n":2}'})]]]
