@@ -48,7 +48,6 @@ from bench.states import load as load_states
 from bench.states import parent_pid
 from bench.states import report as states_report
 from bench.tables import (
-    WRITTEN_TABLES,
     copy_load,
     dump_tables,
     inspect,
@@ -70,6 +69,7 @@ from plugins import registry
 # With --replay: three copies of the database as the drain finds it, none of them in
 # PostgreSQL's cache, so the drain, the replay and COPY start alike.
 _DRAIN_DB, _REPLAY_DB, _COPY_DB = "drain_target", "replay_target", "copy_target"
+_FIRST_DB = "grow_first"  # --grow's first pass
 _TIMED = ("execute", "fetch", "fetchval", "fetchrow", "executemany", "copy_records_to_table")
 _SAMPLER_TABLE = "pg_stat_activity"  # what bench.waits reads; not the replica's statement
 _STATEMENTS_LIBRARY = "pg_stat_statements"
@@ -216,14 +216,19 @@ async def _prepare(args: argparse.Namespace, work: Path, redis_url: str, pg: Any
     dsn = pg.dsn()
     await migrate(dsn)
     if args.grow:
-        first = work / "first.jsonl"
+        # The first pass goes into a database of its own, as `bench.run` grows its tables: the
+        # base is the copies alone (the first pass's own rows, unmarked, would count as the
+        # measured workload's, and COPY of them would collide), and the tables it writes besides
+        # the copied ones (`dirty_counter`, ...) stay as the migration left them.
+        template1 = pg.dsn("template1")
+        await _query(template1, f"CREATE DATABASE {_FIRST_DB} TEMPLATE postgres STRATEGY FILE_COPY")
+        first, first_dsn = work / "first.jsonl", str(pg.dsn(_FIRST_DB))
         write_jsonl(first, args.events, args.seed + 100)
-        await ingest_file(_settings(redis_url, dsn, "grow_live"), str(first))
-        await _drain(redis_url, dsn, "grow_live", args)
-        dumps = await dump_tables(dsn, False, "text")
-        # the base is the copies alone, as `bench.run` grows it: the first pass's own rows,
-        # unmarked, would count as the measured workload's (COPY of them would collide)
-        await _query(dsn, f"TRUNCATE {', '.join(map(quote_ident, WRITTEN_TABLES))}")
+        await ingest_file(_settings(redis_url, first_dsn, "grow_live"), str(first))
+        await _drain(redis_url, first_dsn, "grow_live", args)
+        dumps = await dump_tables(first_dsn, False, "text")
+        await _quiet(pg.dsn, _FIRST_DB)
+        await _query(template1, f"DROP DATABASE {_FIRST_DB}")
         await load_suffixed_copies(dsn, dumps, args.grow)
     path = work / "workload.jsonl"
     later = DEFAULT_START_TIME_US + (86_400_000_000 if args.grow else 0)
@@ -384,6 +389,13 @@ def _settings(redis_url: str, dsn: str, stream: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="firehose-profile-") as work:
+        Path(work).chmod(0o755)
+        uvloop.run(_main(args, Path(work)))
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=constants.DEFAULT_BATCH_SIZE)
@@ -421,10 +433,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="instead of the backends' wait events, who runs during the drain: the replica, "
         "PostgreSQL, both or neither (bench.states, from /proc; Linux)",
     )
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="firehose-profile-") as work:
-        Path(work).chmod(0o755)
-        uvloop.run(_main(args, Path(work)))
+    return parser
 
 
 if __name__ == "__main__":

@@ -104,22 +104,35 @@ def units(sent: list[_Sent]) -> list[list[list[Statement]]]:
     sent on a connection inside its transaction belongs to it (the pool's ROLLBACK of a
     connection released mid-transaction, from a task of its own), and the pool's reset of a
     released connection goes with the task that used it last (it releases that task's session
-    locks)."""
+    locks).
+
+    A task that goes on with its transaction on one connection after sending on another
+    cannot be replayed as it ran (its units are replayed one after the other): that raises
+    ValueError. (A transaction it left, which the pool then rolls back, is fine.)"""
     open_units: dict[int, list[Statement]] = {}  # connection -> its transaction so far
+    owner: dict[int, int] = {}  # connection -> the task whose transaction is open on it
+    left: set[int] = set()  # connections whose owner has sent elsewhere since
     last_user: dict[int, int] = {}  # connection -> the task that used it last
     done: list[tuple[int, int, list[Statement]]] = []  # (first seq, task, unit)
     for s in sent:
         query = s.statement.query
         word = _first_word(query)
+        left.update(c for c, t in owner.items() if t == s.task and c != s.conn)
         if (unit := open_units.get(s.conn)) is not None:
+            if s.task == owner[s.conn] and s.conn in left:
+                raise ValueError(
+                    f"task {s.task} went on with its transaction on connection {s.conn} after "
+                    "sending on another: the replay would reorder them"
+                )
             unit.append(s.statement)
             if word in _ENDS and not _TO_SAVEPOINT.match(query):
-                del open_units[s.conn]
+                del open_units[s.conn], owner[s.conn]
+                left.discard(s.conn)
             continue
         task = last_user.get(s.conn, s.task) if _POOL_RESET.match(query) else s.task
         last_user[s.conn] = task
         if word in _BEGINS:
-            open_units[s.conn] = [s.statement]
+            open_units[s.conn], owner[s.conn] = [s.statement], task
             done.append((s.seq, task, open_units[s.conn]))
         else:
             done.append((s.seq, task, [s.statement]))

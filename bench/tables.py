@@ -10,7 +10,9 @@ from typing import Any
 
 import asyncpg
 
-# Every table the indexer writes; each one's first column is its key (a uri or a did).
+# Every table the indexer writes for the workload's collections (the AppView's and the rev
+# guard's `record_state`; not the bookkeeping of `dirty_counter` and `account_fence`); each
+# one's first column is its key (a uri or a did).
 WRITTEN_TABLES = (
     "record",
     "record_state",
@@ -21,6 +23,10 @@ WRITTEN_TABLES = (
     "actor_block",
     "profile",
     "quote",
+    "post_embed_image",
+    "post_embed_video",
+    "post_embed_external",
+    "post_embed_record",
     "feed_item",
     "duplicate_record",
     "post_agg",
@@ -182,9 +188,11 @@ async def inspect(dsn: str, measured_only: bool) -> Inspection:
             if table in COUNTER_TABLES:
                 nonzero = " OR ".join(f"{quote_ident(c)} <> 0" for c in values)
                 state += f" {'AND' if where else 'WHERE'} ({nonzero})"
+            # rows in key order, rows of one key (an image embed's, per post) by their digest
+            row = "md5((to_jsonb(t) - $1::text[])::text)"
             digests[table] = await conn.fetchval(
-                "SELECT md5(string_agg(md5((to_jsonb(t) - $1::text[])::text), '' "
-                f"ORDER BY t.{quote_ident(key)})) FROM {name} AS t{state}",
+                f"SELECT md5(string_agg({row}, '' ORDER BY t.{quote_ident(key)}, {row})) "
+                f"FROM {name} AS t{state}",
                 list(HISTORY_COLUMNS.get(table, ())),
             )
         errors: dict[str, int] = {}

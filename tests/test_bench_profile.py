@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from bench import profile
+from bench.tables import GROWN_MARK, WRITTEN_TABLES
+from indexer.devservers import throwaway_postgres, throwaway_redis
+from indexer.migrate import migrate
 
 # exec s, µs/event, calls, rows, µs/row (or -), WAL records, two spaces, the statement
 _LINE = re.compile(r"\s*([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+([\d.]+|-)\s+(\d+)  (.+)")
@@ -68,3 +74,50 @@ def test_a_profile_prints_the_replicas_statements_as_the_server_ran_them(
     like = next(m for q, m in by_statement.items() if q.startswith('INSERT INTO "like"'))
     calls, rows, wal = int(like.group(3)), int(like.group(4)), int(like.group(6))
     assert calls >= 2 and rows > 0 and wal > rows  # a heap record and index records per row
+
+
+async def test_a_grown_base_is_the_copies_alone_over_a_fresh_migration(tmp_path: Path) -> None:
+    """--grow's first pass runs in a database of its own: the measured database holds its
+    suffixed copies in the written tables, and every other table as the migration left it."""
+    args = profile.parser().parse_args(["--events", "3000", "--grow", "2"])
+    with throwaway_redis() as redis_server, throwaway_postgres() as pg:
+        pg.create_database("fresh")
+        fresh = pg.dsn("fresh")
+        await migrate(fresh)
+        dsn = await profile._prepare(args, tmp_path, redis_server.url, pg)
+        for table in ("record", "record_state", "like", "post_embed_record", "actor"):
+            rows = await _query(
+                dsn,
+                f"SELECT count(*) AS total, count(*) FILTER (WHERE strpos({_KEYS[table]}, "
+                f"'{GROWN_MARK}') > 0) AS grown FROM \"{table}\"",
+            )
+            assert rows[0]["total"] == rows[0]["grown"] > 0, table
+        names = [r["name"] for r in await _query(fresh, _TABLES)]
+        other = [t for t in names if t not in WRITTEN_TABLES]
+        assert "dirty_counter" in other and "indexer_schema_version" in other
+        counts = {t: (await _count(dsn, t), await _count(fresh, t)) for t in other}
+        assert {t: n for t, (n, m) in counts.items() if n != m} == {}
+        databases = await _query(pg.dsn("postgres"), "SELECT datname FROM pg_database")
+        assert "grow_first" not in {d["datname"] for d in databases}
+
+
+_KEYS = {
+    "record": "uri", "record_state": "uri", "like": "uri", "post_embed_record": '"postUri"',
+    "actor": "did",
+}  # fmt: skip
+_TABLES = (
+    "SELECT c.relname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY 1"
+)
+
+
+async def _count(dsn: str, table: str) -> int:
+    return int((await _query(dsn, f'SELECT count(*) AS n FROM "{table}"'))[0]["n"])
+
+
+async def _query(dsn: str, sql: str) -> list[Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(sql))
+    finally:
+        await conn.close()

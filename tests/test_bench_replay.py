@@ -44,6 +44,24 @@ def test_units_keep_each_transaction_whole_and_each_task_in_order() -> None:
     ]
 
 
+def test_a_task_on_two_connections_at_once_is_refused_not_reordered() -> None:
+    sent = [
+        _sent(0, 1, 10, "BEGIN;"),
+        _sent(1, 1, 10, "INSERT a"),
+        _sent(2, 1, 11, "SELECT 1"),  # task 1 on another connection, mid-transaction
+        _sent(3, 1, 10, "INSERT b"),  # and back in its transaction: not replayable as it ran
+        _sent(4, 1, 10, "COMMIT;"),
+    ]
+    with pytest.raises(ValueError, match="task 1 went on with its transaction on connection 10"):
+        units(sent)
+    # The same statement once the transaction has ended, or after one the task left for the
+    # pool to roll back (a canceled batch, retried on another connection), is replayable.
+    after = [sent[0], sent[1], sent[4], sent[2]]
+    assert _queries(units(after)) == [[["BEGIN;", "INSERT a", "COMMIT;"], ["SELECT 1"]]]
+    abandoned = [sent[0], sent[1], sent[2], _sent(3, 7, 10, "ROLLBACK;")]
+    assert _queries(units(abandoned)) == [[["BEGIN;", "INSERT a", "ROLLBACK;"], ["SELECT 1"]]]
+
+
 def test_the_pools_statements_go_with_the_task_that_used_the_connection() -> None:
     reset = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
     sent = [

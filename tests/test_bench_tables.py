@@ -63,3 +63,20 @@ async def test_the_measured_digest_leaves_out_the_grown_rows_and_the_rows_of_zer
     await db.execute('INSERT INTO profile_agg (did, "followsCount") VALUES ($1, 5)', grown)
     assert await _digests(database_url, measured_only=True) == before
     assert (await _digests(database_url))["profile_agg"] != before["profile_agg"]
+
+
+async def test_rows_of_one_key_give_one_digest_in_any_order(database_url, db):
+    """A post's image embeds share its uri: their order in the table does not change the digest,
+    their content does."""
+    images = [(POST, str(n), f"bafyimage{n}", f"alt {n}") for n in range(3)]
+    insert = (
+        'INSERT INTO post_embed_image ("postUri", position, "imageCid", alt) '
+        "VALUES ($1, $2, $3, $4)"
+    )
+    await db.executemany(insert, images)
+    before = await _digests(database_url)
+    await db.execute("DELETE FROM post_embed_image")
+    await db.executemany(insert, images[::-1])
+    assert await _digests(database_url) == before
+    await db.execute("UPDATE post_embed_image SET alt = 'changed' WHERE position = '1'")
+    assert (await _digests(database_url))["post_embed_image"] != before["post_embed_image"]
