@@ -1,4 +1,5 @@
-"""bench.profile's server-side statement report (--server-statements)."""
+"""bench.profile: its server-side statement report (--server-statements) and its grown base
+(--grow)."""
 
 from __future__ import annotations
 
