@@ -6,7 +6,7 @@
 
 One in-process replica (uvloop) drains a workload (indexer.workload) from a throwaway Redis into
 a throwaway migrated PostgreSQL, optionally after the tables were grown by COPIES suffixed
-copies of a first pass (the copies alone: the first pass's own rows are removed), and optionally
+copies of a first pass (the copies alone: the pass runs in a database of its own), and optionally
 with a celebrity taking SHARE of the likes, reposts and follows of the measured workload. Every
 statement's round trip is timed on the client (PostgreSQL's work, lock waits, the wire),
 grouped by statement; the rest of the wall time is the replica's own Python (decode, rows,
@@ -220,15 +220,14 @@ async def _prepare(args: argparse.Namespace, work: Path, redis_url: str, pg: Any
         # base is the copies alone (the first pass's own rows, unmarked, would count as the
         # measured workload's, and COPY of them would collide), and the tables it writes besides
         # the copied ones (`dirty_counter`, ...) stay as the migration left them.
-        template1 = pg.dsn("template1")
-        await _query(template1, f"CREATE DATABASE {_FIRST_DB} TEMPLATE postgres STRATEGY FILE_COPY")
+        await _clone(pg.dsn, _FIRST_DB)
         first, first_dsn = work / "first.jsonl", str(pg.dsn(_FIRST_DB))
         write_jsonl(first, args.events, args.seed + 100)
         await ingest_file(_settings(redis_url, first_dsn, "grow_live"), str(first))
         await _drain(redis_url, first_dsn, "grow_live", args)
         dumps = await dump_tables(first_dsn, False, "text")
         await _quiet(pg.dsn, _FIRST_DB)
-        await _query(template1, f"DROP DATABASE {_FIRST_DB}")
+        await _query(pg.dsn("template1"), f"DROP DATABASE {quote_ident(_FIRST_DB)}")
         await load_suffixed_copies(dsn, dumps, args.grow)
     path = work / "workload.jsonl"
     later = DEFAULT_START_TIME_US + (86_400_000_000 if args.grow else 0)
@@ -240,11 +239,14 @@ async def _prepare(args: argparse.Namespace, work: Path, redis_url: str, pg: Any
     if not args.replay:
         return str(dsn)
     for target in (_DRAIN_DB, _REPLAY_DB, _COPY_DB):
-        await _query(
-            pg.dsn("template1"),
-            f"CREATE DATABASE {quote_ident(target)} TEMPLATE postgres STRATEGY FILE_COPY",
-        )
+        await _clone(pg.dsn, target)
     return str(pg.dsn(_DRAIN_DB))
+
+
+async def _clone(dsn: Callable[[str], str], name: str) -> None:
+    """A database `name` copied from `postgres` (migrated, and grown if asked) as it is now."""
+    clone = f"CREATE DATABASE {quote_ident(name)} TEMPLATE postgres STRATEGY FILE_COPY"
+    await _query(dsn("template1"), clone)
 
 
 async def _main(args: argparse.Namespace, work: Path) -> None:
