@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -38,12 +39,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import uvloop
 
 from bench.options import add_server_options
 from bench.procs import find_server_pid, tree_cpu_s
-from bench.replay import Ceiling, Recorder, replay, span, units
+from bench.replay import Ceiling, Recorder, replay, span, units, wrapping
 from bench.states import load as load_states
 from bench.states import parent_pid
 from bench.states import report as states_report
@@ -89,10 +89,8 @@ class StatementClock:
         self.seconds: defaultdict[str, float] = defaultdict(float)
         self.calls: defaultdict[str, int] = defaultdict(int)
 
-    def install(self) -> None:
-        cls: Any = asyncpg.connection.Connection
-        for name in _TIMED:
-            setattr(cls, name, self._timed(getattr(cls, name), name))
+    def timing(self) -> contextlib.AbstractContextManager[None]:
+        return wrapping(_TIMED, self._timed)
 
     def _timed(self, method: Callable[..., Awaitable[Any]], name: str) -> Any:
         clock = self
@@ -256,64 +254,69 @@ async def _main(args: argparse.Namespace, work: Path) -> None:
     ):
         dsn = await _prepare(args, work, redis_server.url, pg)
         clock = StatementClock()
-        clock.install()
-        recorder = Recorder()
-        profiler = None
-        if args.pyinstrument:
-            from pyinstrument import Profiler
+        with clock.timing():
+            await _profile(args, redis_server.url, pg, dsn, clock)
 
-            profiler = Profiler(async_mode="disabled", interval=0.002)
-            profiler.start()
-        waits: Counter[tuple[str, str]] = Counter()
-        done = asyncio.Event()
-        # With --states, the backends are read from /proc instead: a sampling connection
-        # would be one more backend among them; with --replay, it would cost the drain
-        # PostgreSQL's CPU that the replay does not pay.
-        sampled = not (args.states or args.replay)
-        sampler = asyncio.create_task(sample_waits(dsn, waits, done, 0.01)) if sampled else None
-        states = await _start_states(dsn) if args.states else None
-        if args.server_statements:
-            await _query(
-                dsn,
-                f"CREATE EXTENSION IF NOT EXISTS {_STATEMENTS_LIBRARY}",
-                "SELECT pg_stat_statements_reset()",
-            )
-        before = await _wal_and_checkpoints(dsn)
-        pg_pid = find_server_pid("postgres", pg.port)
-        server_cpu = tree_cpu_s(pg_pid)
-        if args.replay:
-            recorder.start()
-        wall, replica_cpu = await _drain(redis_server.url, dsn, "profile_live", args)
-        recorder.stop()
-        if args.replay:  # the backends' CPU once they have exited and been counted
-            await _quiet(pg.dsn, _DRAIN_DB)
-        server_cpu = tree_cpu_s(pg_pid) - server_cpu
-        if states is not None:
-            states.terminate()
-            output, _ = await states.communicate()
-            who_runs = states_report(load_states(output.decode()), os.cpu_count() or 1)
-        after = await _wal_and_checkpoints(dsn)
-        statements = await _query(dsn, _SERVER_STATEMENTS) if args.server_statements else None
-        done.set()
-        if sampler is not None:
-            await sampler
-        if profiler is not None:
-            profiler.stop()
-            text = profiler.output_text(unicode=False, color=False, show_all=True)
-            await asyncio.to_thread(Path(args.pyinstrument).write_text, text)
-        print(f"{args.events / wall:,.0f} events/s")
-        wal, checkpoints = (a - b for a, b in zip(after, before, strict=True))
-        print(f"WAL {wal / 2**20:,.0f} MiB, {checkpoints} checkpoint(s) during the drain")
-        print(clock.report(wall, -(-args.events // args.batch_size)))
-        if states is not None:
-            print(who_runs)
-        elif sampler is not None:
-            print(_waits_report(waits))
-        if statements is not None:
-            print(server_report(statements, args.events))
-        if args.replay:
-            drain = (wall, replica_cpu, server_cpu)
-            print((await _ceiling(pg.dsn, pg_pid, recorder, drain, args)).report())
+
+async def _profile(
+    args: argparse.Namespace, redis_url: str, pg: Any, dsn: str, clock: StatementClock
+) -> None:
+    """The drain, timed by `clock`, and what was asked beside it, printed."""
+    recorder = Recorder()
+    profiler = None
+    if args.pyinstrument:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(async_mode="disabled", interval=0.002)
+        profiler.start()
+    waits: Counter[tuple[str, str]] = Counter()
+    done = asyncio.Event()
+    # With --states, the backends are read from /proc instead: a sampling connection
+    # would be one more backend among them; with --replay, it would cost the drain
+    # PostgreSQL's CPU that the replay does not pay.
+    sampled = not (args.states or args.replay)
+    sampler = asyncio.create_task(sample_waits(dsn, waits, done, 0.01)) if sampled else None
+    states = await _start_states(dsn) if args.states else None
+    if args.server_statements:
+        await _query(
+            dsn,
+            f"CREATE EXTENSION IF NOT EXISTS {_STATEMENTS_LIBRARY}",
+            "SELECT pg_stat_statements_reset()",
+        )
+    before = await _wal_and_checkpoints(dsn)
+    pg_pid = find_server_pid("postgres", pg.port)
+    server_cpu = tree_cpu_s(pg_pid)
+    with recorder.recording() if args.replay else contextlib.nullcontext():
+        wall, replica_cpu = await _drain(redis_url, dsn, "profile_live", args)
+    if args.replay:  # the backends' CPU once they have exited and been counted
+        await _quiet(pg.dsn, _DRAIN_DB)
+    server_cpu = tree_cpu_s(pg_pid) - server_cpu
+    if states is not None:
+        states.terminate()
+        output, _ = await states.communicate()
+        who_runs = states_report(load_states(output.decode()), os.cpu_count() or 1)
+    after = await _wal_and_checkpoints(dsn)
+    statements = await _query(dsn, _SERVER_STATEMENTS) if args.server_statements else None
+    done.set()
+    if sampler is not None:
+        await sampler
+    if profiler is not None:
+        profiler.stop()
+        text = profiler.output_text(unicode=False, color=False, show_all=True)
+        await asyncio.to_thread(Path(args.pyinstrument).write_text, text)
+    print(f"{args.events / wall:,.0f} events/s")
+    wal, checkpoints = (a - b for a, b in zip(after, before, strict=True))
+    print(f"WAL {wal / 2**20:,.0f} MiB, {checkpoints} checkpoint(s) during the drain")
+    print(clock.report(wall, -(-args.events // args.batch_size)))
+    if states is not None:
+        print(who_runs)
+    elif sampler is not None:
+        print(_waits_report(waits))
+    if statements is not None:
+        print(server_report(statements, args.events))
+    if args.replay:
+        drain = (wall, replica_cpu, server_cpu)
+        print((await _ceiling(pg.dsn, pg_pid, recorder, drain, args)).report())
 
 
 async def _ceiling(

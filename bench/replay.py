@@ -14,10 +14,11 @@ keeps every parameter until the replay: a few MB per batch.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,26 +55,31 @@ class Replayed:
     seconds: float = 0.0  # from the first transaction's BEGIN to the last one's end
 
 
+@contextlib.contextmanager
+def wrapping(names: Iterable[str], wrap: Callable[[Any, str], Any]) -> Iterator[None]:
+    """asyncpg's connection methods `names`, each replaced by `wrap(method, name)` inside the
+    block; the methods found are back when it ends, however it ends."""
+    cls: Any = asyncpg.connection.Connection
+    originals = {name: getattr(cls, name) for name in names}
+    for name, method in originals.items():
+        setattr(cls, name, wrap(method, name))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(cls, name, method)
+
+
 class Recorder:
-    """Notes the statements sent through asyncpg's connections between `start` and `stop`."""
+    """Notes the statements sent through asyncpg's connections inside `recording()`."""
 
     def __init__(self) -> None:
         self.sent: list[_Sent] = []
-        self._originals: dict[str, Any] = {}
         self._serials: dict[int, tuple[object, int]] = {}  # id -> (the object, its serial)
         self._next = itertools.count(1)
 
-    def start(self) -> None:
-        cls: Any = asyncpg.connection.Connection
-        for name in _RECORDED:
-            self._originals[name] = getattr(cls, name)
-            setattr(cls, name, self._noting(self._originals[name], name))
-
-    def stop(self) -> None:
-        cls: Any = asyncpg.connection.Connection
-        for name, method in self._originals.items():
-            setattr(cls, name, method)
-        self._originals.clear()
+    def recording(self) -> contextlib.AbstractContextManager[None]:
+        return wrapping(_RECORDED, self._noting)
 
     def _serial(self, thing: object) -> int:
         known = self._serials.get(id(thing))

@@ -155,11 +155,10 @@ async def test_a_replay_runs_the_tasks_side_by_side_and_counts_what_fails(
                 await conns[2].execute("SELECT 1 / 0")
 
     recorder = Recorder()
-    recorder.start()
     try:
-        await asyncio.gather(holder(), waiter(), failing())
+        with recorder.recording():
+            await asyncio.gather(holder(), waiter(), failing())
     finally:
-        recorder.stop()
         for conn in conns:
             await conn.close()
     assert await setup.fetch("SELECT k FROM t") == [(1,)]
@@ -177,7 +176,10 @@ async def test_a_replay_runs_the_tasks_side_by_side_and_counts_what_fails(
 
 
 def test_a_replay_writes_the_rows_the_drain_wrote(capsys: pytest.CaptureFixture[str]) -> None:
+    methods = {name: getattr(asyncpg.connection.Connection, name) for name in _METHODS}
     profile.main(["--events", "3000", "--batch-size", "500", "--replay"])
+    # the clock's and the recorder's wrappers are gone: later tests run asyncpg as it is
+    assert {name: getattr(asyncpg.connection.Connection, name) for name in _METHODS} == methods
     out = capsys.readouterr().out
     report = out[out.index("replay: the drain's ") :].splitlines()
     sent = int(re.match(r"replay: the drain's ([\d,]+) statements", report[0])[1].replace(",", ""))
@@ -191,3 +193,6 @@ def test_a_replay_writes_the_rows_the_drain_wrote(capsys: pytest.CaptureFixture[
     whole = float(re.search(r"\(([\d,]+) over the whole run\)", lines["drain"])[1].replace(",", ""))
     assert rates["drain"] > whole > 0  # the span leaves start-up and shutdown out
     assert rates["replay"] > 0 and rates["COPY"] > 0
+
+
+_METHODS = ("execute", "fetch", "fetchval", "fetchrow", "executemany", "copy_records_to_table")
