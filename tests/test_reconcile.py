@@ -27,13 +27,18 @@ from tests.helpers import (
     uri,
 )
 
+# 25 random counter rows skewed while replicas run: locked in key order first, as the replicas'
+# counter statements lock them, so the skew waits for a batch instead of deadlocking with it.
 _SKEW = (
-    'UPDATE post_agg SET "likeCount" = "likeCount" + 7, "replyCount" = "replyCount" + 1 '
-    "WHERE uri IN (SELECT uri FROM post_agg ORDER BY random() LIMIT 25)"
+    "WITH s AS MATERIALIZED (SELECT uri FROM post_agg WHERE uri IN "
+    "(SELECT uri FROM post_agg ORDER BY random() LIMIT 25) ORDER BY uri FOR UPDATE) "
+    'UPDATE post_agg p SET "likeCount" = "likeCount" + 7, "replyCount" = "replyCount" + 1 '
+    "FROM s WHERE p.uri = s.uri"
 )
 _SKEW_PROFILES = (
-    'UPDATE profile_agg SET "followersCount" = "followersCount" - 3 '
-    "WHERE did IN (SELECT did FROM profile_agg ORDER BY random() LIMIT 25)"
+    "WITH s AS MATERIALIZED (SELECT did FROM profile_agg WHERE did IN "
+    "(SELECT did FROM profile_agg ORDER BY random() LIMIT 25) ORDER BY did FOR UPDATE) "
+    'UPDATE profile_agg p SET "followersCount" = "followersCount" - 3 FROM s WHERE p.did = s.did'
 )
 
 
