@@ -27,6 +27,7 @@ class Options:
     results: Path
     pg_settings: dict[str, str]
     pg_locale: str
+    copy_loads: int = 3
 
 
 def positive_count(text: str) -> int:
@@ -103,6 +104,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         const=0.0,
         help="skip the celebrity phases (--celebrity 0)",
     )
+    parser.add_argument(
+        "--copy-loads",
+        type=positive_count,
+        default=3,
+        metavar="N",
+        help="COPY loads of each phase's rows, each into a fresh copy; the median is the "
+        "baseline (default 3)",
+    )
     add_server_options(parser)
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help=argparse.SUPPRESS)
@@ -119,4 +128,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         results=args.results,
         pg_settings=dict(args.pg_setting),
         pg_locale=args.pg_locale,
+        copy_loads=args.copy_loads,
     )

@@ -184,6 +184,18 @@ def _cpu_note(report: Report) -> str:
     )
 
 
+def _copy_note(report: Report) -> str:
+    """How the COPY baseline was taken, and how far its loads moved in each phase."""
+    loads = report.opts.copy_loads
+    if loads == 1:
+        return "COPY s: one load per phase"
+    spreads = ", ".join(f"{p.key} {p.copy.spread:.2f}" for p in report.phases.values())
+    return (
+        f"COPY s: the median of {loads} loads per phase, each into a fresh copy of the "
+        f"database the phase started from; slowest ÷ fastest load: {spreads}"
+    )
+
+
 def _notes(report: Report) -> list[str]:
     ph = report.phases.get
     p1 = ph("p1")
@@ -196,6 +208,7 @@ def _notes(report: Report) -> list[str]:
         f"grown {_identical(ph('g1'), ph('g2'))}"
         + (f"; celebrity {_identical(ph('c1'), ph('c2'))}" if ph("c1") else "")
         + (f"; control {_identical(ph('s1'), ph('s2'))}" if ph("s1") else ""),
+        _copy_note(report),
         f"fixed cost of one `indexer run --drain` on an empty stream (start-up, connect, "
         f"drain check, exit): {report.overhead_s:.2f} s, included in every wall time",
     ]

@@ -2,7 +2,7 @@
 
     python -m bench.run [--events N] [--batch-size B] [--concurrency C] [--pool-size P]
                         [--grow-rows R] [--seed S] [--celebrity SHARE | --no-celebrity]
-                        [--pg-setting NAME=VALUE ...] [--no-write]
+                        [--copy-loads N] [--pg-setting NAME=VALUE ...] [--no-write]
 
 Everything runs in one go on this machine, against throwaway Redis and PostgreSQL servers
 (indexer.devservers, loopback only, logs in files):
@@ -12,8 +12,10 @@ Everything runs in one go on this machine, against throwaway Redis and PostgreSQ
    empty migrated database, first as 1 replica, then, on a fresh database and stream, as 2;
    events/s = stream entries / wall seconds from the replicas' start to the last exit;
 2. after each phase the rows it wrote are dumped with COPY and loaded with COPY (one connection,
-   one transaction, same indexes) into a fresh copy of the database it started from: the
-   COPY-equivalent events/s is events / COPY seconds, and the ratio indexer / COPY is reported;
+   one transaction, same indexes) into a fresh copy of the database it started from, --copy-loads
+   times (default 3, each into a copy of its own; one load's rate moves by up to a sixth between
+   loads of the same rows): the COPY-equivalent events/s is events / the median load's seconds,
+   and the ratio indexer / COPY is reported;
    PostgreSQL's deadlock count for the phase's database (pg_stat_database) is read before and
    after, and its active backends are sampled every 20 ms (pg_stat_activity): the share of
    samples waiting for a lock (a row, a transaction) is reported, and in brackets the share
@@ -75,6 +77,7 @@ from bench.tables import (
     dump_tables,
     inspect,
     load_suffixed_copies,
+    median_load,
     quote_ident,
 )
 from bench.waits import lock_wait_share, sample_waits, top_lock_waits, until_no_clients
@@ -270,14 +273,18 @@ class Bench:
         return tree_cpu_s(self.pg_pid), tree_cpu_s(self.redis_pid)
 
     async def copy_baseline(self, db: str, template: str, measured_only: bool) -> CopyResult:
-        """COPY the rows a phase wrote into a fresh copy of the database it started from."""
+        """COPY the rows a phase wrote into a fresh copy of the database it started from, as
+        many times as asked (each into a copy of its own): the median load."""
         dumps = await dump_tables(self.pg.dsn(db), measured_only, "binary")
         target = f"{db}_copy"
-        await self.clone(target, template)
-        try:
-            return await copy_load(self.pg.dsn(target), dumps)
-        finally:
-            await self.drop(target)
+        loads = []
+        for _ in range(self.opts.copy_loads):
+            await self.clone(target, template)
+            try:
+                loads.append(await copy_load(self.pg.dsn(target), dumps))
+            finally:
+                await self.drop(target)
+        return median_load(loads)
 
     async def grow(self, source_db: str) -> GrownBase:
         """The grown template: copies of a phase's rows, DIDs suffixed per copy, then ANALYZE."""

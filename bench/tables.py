@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import re
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +54,22 @@ _DID = re.compile(rb"did:plc:([a-z2-7]{24})")
 @dataclass(slots=True)
 class CopyResult:
     rows: int
-    seconds: float
+    seconds: float  # one load's, or the median of `loads`
     megabytes: float
+    loads: tuple[float, ...] = ()  # each load's seconds, where several were timed
+
+    @property
+    def spread(self) -> float:
+        """The slowest load's seconds over the fastest's (1.0 for a single load)."""
+        return max(self.loads) / min(self.loads) if self.loads else 1.0
+
+
+def median_load(results: Sequence[CopyResult]) -> CopyResult:
+    """Several loads of the same rows as one result: the median seconds, each load kept."""
+    if not results:
+        raise ValueError("no COPY loads to take the median of")
+    seconds = tuple(r.seconds for r in results)
+    return CopyResult(results[0].rows, statistics.median(seconds), results[0].megabytes, seconds)
 
 
 @dataclass(slots=True)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import statistics
+from pathlib import Path
+from urllib.parse import urlsplit
+
 import asyncpg
 import pytest
+from rich.console import Console
 
+from bench.options import parse_args
+from bench.run import Bench
 from bench.tables import GROWN_MARK, inspect
+from indexer.devservers import PostgresServer, RedisServer
+from tests.conftest import TEMPLATE_DB
 
 POST = "at://did:plc:a/app.bsky.feed.post/1"
 # Every counter column of the two counter tables, with the key of a row to put it on.
@@ -80,3 +89,30 @@ async def test_rows_of_one_key_give_one_digest_in_any_order(database_url, db):
     assert await _digests(database_url) == before
     await db.execute("UPDATE post_embed_image SET alt = 'changed' WHERE position = '1'")
     assert (await _digests(database_url))["post_embed_image"] != before["post_embed_image"]
+
+
+async def test_the_copy_baseline_loads_the_rows_into_a_fresh_copy_each_time(
+    redis_server: RedisServer,
+    postgres_server: PostgresServer,
+    database_url: str,
+    db: asyncpg.Connection,
+    tmp_path: Path,
+):
+    await _counted_rows(db)
+    await db.execute(
+        """INSERT INTO actor (did, "indexedAt") VALUES ('did:plc:a', '2026-12-07T00:00:00.000Z')"""
+    )
+    opts = parse_args(["--no-write", "--copy-loads", "2"])
+    bench = Bench(opts, redis_server, postgres_server, tmp_path, Console(quiet=True))
+    try:
+        source = urlsplit(database_url).path.lstrip("/")
+        # a second load into the same copy would fail on the rows' keys
+        copy = await bench.copy_baseline(source, TEMPLATE_DB, measured_only=False)
+        copies = f"SELECT count(*) FROM pg_database WHERE datname = '{source}_copy'"
+        left = await bench.admin(copies)
+    finally:
+        await bench.close()
+    assert copy.rows == 3
+    assert len(copy.loads) == 2
+    assert copy.seconds == statistics.median(copy.loads)
+    assert left == 0
