@@ -229,7 +229,8 @@ class Bench:
             self.say(f"{key}:   {share:.1%} of samples {wait} in {query}")
         found = await inspect(self.pg.dsn(db), grown)
         copy = await self.copy_baseline(db, template, grown)
-        self.say(f"{key}: COPY of its {copy.rows:,} rows: {copy.seconds:.1f} s")
+        loads = ", ".join(f"{s:.2f}" for s in copy.loads)
+        self.say(f"{key}: COPY of its {copy.rows:,} rows: {copy.seconds:.2f} s (loads: {loads})")
         if key != "p1":  # p1's rows seed the grown tables
             await self.drop(db)
         return PhaseResult(
