@@ -8,16 +8,23 @@ from indexer.db import Connection, json_rows, rows_json
 _REMOVE = "DELETE FROM record WHERE uri = ANY($1::varchar[])"
 # The earliest event time seen wins, so the row does not depend on delivery order. New actors
 # are inserted without locking existing rows (ON CONFLICT DO UPDATE would lock every one of
-# them until commit, serializing replicas on shared authors). The UPDATE is its own statement so
-# that it sees rows another batch committed while this one waited on them, and it locks only
-# the rare row whose time moves earlier. Dids already committed are left out before the insert:
-# ON CONFLICT checks a key against every version of its row, so it would wait for any batch
-# that updated that actor (its handle, its time) to commit; a plain read does not.
-_NEW_ACTORS = (
-    'INSERT INTO actor (did, "indexedAt") '
-    f"SELECT * FROM ({json_rows(('varchar', 'varchar'))}) AS n(did, t) "
-    "WHERE NOT EXISTS (SELECT 1 FROM actor a WHERE a.did = n.did) ORDER BY 1 "
-    "ON CONFLICT (did) DO NOTHING RETURNING did"
+# them until commit, serializing replicas on shared authors). Dids already committed are left
+# out before the insert: ON CONFLICT checks a key against every version of its row, so it would
+# wait for any batch that updated that actor (its handle, its time) to commit; a plain read does
+# not. The same read gives their time, and the statement returns only the dids that may need an
+# earlier one: those it read with a later time, and those another batch inserted after its
+# snapshot (ON CONFLICT skipped them). An actor's time only ever moves earlier, so a did read
+# with a time no later than the batch's needs nothing. Those few go to the UPDATE, a statement
+# of its own so that it sees rows another batch committed while this one waited on them, and
+# locks only the rows whose time moves.
+_ACTORS = (
+    'WITH seen AS (SELECT n.did, n.t, a.did IS NULL AS new, a."indexedAt" AS was '
+    f"FROM ({json_rows(('varchar', 'varchar'))}) AS n(did, t) "
+    "LEFT JOIN actor a ON a.did = n.did), "
+    'added AS (INSERT INTO actor (did, "indexedAt") SELECT did, t FROM seen WHERE new ORDER BY 1 '
+    "ON CONFLICT (did) DO NOTHING RETURNING did) "
+    "SELECT did, t FROM seen WHERE CASE WHEN new THEN did NOT IN (SELECT did FROM added) "
+    "ELSE t < was END ORDER BY 1"
 )
 _EARLIER_ACTORS = (
     'UPDATE actor a SET "indexedAt" = b.t '
@@ -41,7 +48,6 @@ async def ensure_actors(conn: Connection, authors: dict[str, str]) -> None:
     """
     if not authors:
         return
-    added = {r["did"] for r in await conn.fetch(_NEW_ACTORS, rows_json(sorted(authors.items())))}
-    known = sorted((d, t) for d, t in authors.items() if d not in added)
-    if known:
-        await conn.execute(_EARLIER_ACTORS, rows_json(known))
+    rows = await conn.fetch(_ACTORS, rows_json(sorted(authors.items())))
+    if rows:
+        await conn.execute(_EARLIER_ACTORS, rows_json([(r["did"], r["t"]) for r in rows]))

@@ -7,6 +7,7 @@ import random
 from collections import Counter
 from typing import Any
 
+import asyncpg
 import msgspec
 
 from indexer.events import normalize_line
@@ -207,6 +208,33 @@ async def test_actor_row_keeps_the_earliest_event_time_whatever_the_order(
     for event in (later, earlier, later):
         await push(redis, settings.live_stream, [event])
         await drain()
+    row = await db.fetchrow('SELECT did, "indexedAt" FROM actor')
+    assert (row["did"], row["indexedAt"]) == (did(9), "2024-11-19T07:00:00.000Z")
+
+
+async def test_an_actor_another_batch_inserts_meanwhile_still_gets_the_earlier_time(
+    settings, redis, db, database_url, drain
+):
+    """The actor is new to this batch's snapshot, but a transaction holding a later time
+    inserts it first: the batch's insert waits for it and skips the row, and the earlier time
+    must still be written (the update after the insert)."""
+    other = await asyncpg.connect(database_url)
+    try:
+        await other.execute("BEGIN")
+        await other.execute(
+            'INSERT INTO actor (did, "indexedAt") VALUES ($1, $2)',
+            did(9),
+            "2024-11-19T08:00:00.000Z",
+        )
+        event = create(9, POST, "p1", post_record(), 10) | {"time": "2024-11-19T07:00:00.000Z"}
+        await push(redis, settings.live_stream, [event])
+        drained = asyncio.create_task(drain())
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        await until(lambda: db.fetchval(waiting))  # the batch waits on the uncommitted actor
+        await other.execute("COMMIT")
+        assert await drained == 1
+    finally:
+        await other.close()
     row = await db.fetchrow('SELECT did, "indexedAt" FROM actor')
     assert (row["did"], row["indexedAt"]) == (did(9), "2024-11-19T07:00:00.000Z")
 
