@@ -13,9 +13,9 @@ Everything runs in one go on this machine, against throwaway Redis and PostgreSQ
    events/s = stream entries / wall seconds from the replicas' start to the last exit;
 2. after each phase the rows it wrote are dumped with COPY and loaded with COPY (one connection,
    one transaction, same indexes) into a fresh copy of the database it started from, --copy-loads
-   times (default 3, each into a copy of its own; one load's rate moves by up to a sixth between
-   loads of the same rows): the COPY-equivalent events/s is events / the median load's seconds,
-   and the ratio indexer / COPY is reported;
+   times (default 3, each into a copy of its own; one load's rate can move by a sixth or more
+   between loads of the same rows): the COPY-equivalent events/s is events / the median load's
+   seconds, and the ratio indexer / COPY is reported;
    PostgreSQL's deadlock count for the phase's database (pg_stat_database) is read before and
    after, and its active backends are sampled every 20 ms (pg_stat_activity): the share of
    samples waiting for a lock (a row, a transaction) is reported, and in brackets the share
